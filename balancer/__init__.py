@@ -1,0 +1,1 @@
+"""Client-side balancer for useapi.net channels."""
