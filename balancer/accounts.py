@@ -143,9 +143,7 @@ def parse_account_map(payload: object, *, schema: str = "v1") -> ParsedAccounts:
     if schema not in ("v1", "v2"):
         raise ValueError(f"schema must be 'v1' or 'v2', not {schema!r}")
     if not isinstance(payload, Mapping):
-        raise AccountMapError(
-            f"account map must be a JSON object, not {_json_type_name(payload)}"
-        )
+        raise AccountMapError(f"account map must be a JSON object, not {_json_type_name(payload)}")
     parse_entry = _parse_v1 if schema == "v1" else _parse_v2
     accounts: dict[str, Account] = {}
     rejected: list[Rejected] = []

@@ -31,9 +31,12 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
-from ..statistics import ChannelState
+if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
+    from ..statistics import ChannelState
 
 __all__ = [
     "Backend",
@@ -150,11 +153,21 @@ class Backend(Protocol):
 
     #: ``True`` when no operation ever suspends (see the module docstring).
     immediate: bool
+    #: ``True`` when counts are shared between balancers (any of them may then
+    #: release a lease by id); ``False`` for one process's private counts.
+    shared: bool
+    #: The lease lifetime used when the balancer's ``lease_ttl`` is ``None``
+    #: (``None``: leases never expire).
+    default_lease_ttl: float | None
 
-    async def open(self, config: BackendConfig, notify: Callable[[], None]) -> None:
+    async def open(
+        self, config: BackendConfig, notify: Callable[[], None], task_group: TaskGroup
+    ) -> None:
         """
         Start serving one balancer; ``notify`` is called when capacity may have
         appeared through someone else (another process, a cooldown ending).
+        Background work (a pub/sub listener) may be started in ``task_group``,
+        which the balancer cancels on exit, after calling :meth:`close`.
 
         Raises:
             BackendUnavailableError: the backend cannot be reached.
@@ -162,7 +175,11 @@ class Backend(Protocol):
         ...
 
     async def close(self) -> None:
-        """Stop serving; live leases of this balancer are released best-effort."""
+        """
+        Stop serving. Leases still out are left as they are: their jobs may
+        still be running, so a shared backend lets them expire after
+        ``lease_ttl`` rather than hand their slots to someone else now.
+        """
         ...
 
     async def set_map(self, limits: Mapping[str, int]) -> None:
