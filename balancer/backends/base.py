@@ -42,6 +42,7 @@ __all__ = [
     "Backend",
     "BackendConfig",
     "ChannelCounts",
+    "ImmediateBackend",
     "Outcome",
     "ReleaseOutcome",
     "ReleaseResult",
@@ -215,4 +216,19 @@ class Backend(Protocol):
         Seconds until capacity may appear without any release (a cooldown ends),
         or ``None``. The balancer sleeps that long, then serves its waiters.
         """
+        ...
+
+
+class ImmediateBackend(Backend, Protocol):
+    """
+    A backend whose operations never suspend (``immediate = True``), with
+    synchronous forms the balancer calls on its hot path and inside ``release``.
+    """
+
+    def acquire_nowait(self, lease_id: str, channel: str | None) -> str | None:
+        """Synchronous :meth:`Backend.try_acquire`."""
+        ...
+
+    def release_nowait(self, lease_id: str, outcome: ReleaseOutcome) -> ReleaseResult:
+        """Synchronous :meth:`Backend.release`."""
         ...

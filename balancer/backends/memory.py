@@ -1,0 +1,226 @@
+"""
+The in-process backend: counts live in this process's memory.
+
+Every operation completes without suspending, so each one is atomic under
+cooperative scheduling without a lock, and the balancer can hand a released
+slot to its oldest waiter before any other task runs (``immediate = True``).
+
+Acquire and release are O(1) in the number of channels: the free capacity
+is kept in an index (:mod:`balancer.selection`) updated on every change of a
+channel's free count, never rebuilt by a scan.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+from ..selection import FreeIndex, make_index
+from .base import BackendConfig, ChannelCounts, ReleaseOutcome, ReleaseResult, RenewResult
+
+if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
+    from ..statistics import ChannelState
+
+__all__ = ["MemoryBackend"]
+
+_UNKNOWN = ReleaseResult("unknown")
+
+
+class _Channel:
+    """One channel's counts."""
+
+    # Invariants: ``in_flight >= 0``; the channel is in the free index with
+    # ``free()`` slots; ``draining`` channels with ``in_flight == 0`` are
+    # deleted from the backend at once.
+
+    __slots__ = ("cooling_until", "draining", "failures", "id", "in_flight", "max_jobs")
+
+    def __init__(self, channel_id: str, max_jobs: int) -> None:
+        self.id = channel_id
+        self.max_jobs = max_jobs
+        self.in_flight = 0
+        self.draining = False
+        self.cooling_until = 0.0
+        self.failures = 0
+
+    def free(self) -> int:
+        if self.draining or self.cooling_until:
+            return 0
+        free = self.max_jobs - self.in_flight
+        return free if free > 0 else 0  # noqa: FURB136 (hot path: max() is slower)
+
+
+class MemoryBackend:
+    """
+    Counts and leases in this process; the default backend.
+
+    Use it when every worker that dispatches to the channels runs in one
+    process. Leases never expire: the process that counts them is the process
+    that holds them, so there is nothing to reclaim after a crash.
+    """
+
+    immediate = True
+    shared = False
+    default_lease_ttl: float | None = None
+
+    def __init__(self) -> None:
+        self._channels: dict[str, _Channel] = {}
+        self._leases: dict[str, _Channel] = {}
+        self._cooling: list[tuple[float, str]] = []
+        self._index: FreeIndex = make_index("random")
+        self._config: BackendConfig | None = None
+        self._clock: Callable[[], float] = time.monotonic
+        self._notify: Callable[[], None] = _noop
+
+    def __repr__(self) -> str:
+        return f"MemoryBackend(channels={len(self._channels)}, leases={len(self._leases)})"
+
+    async def open(
+        self, config: BackendConfig, notify: Callable[[], None], task_group: TaskGroup
+    ) -> None:
+        if self._config is not None:
+            raise RuntimeError("a MemoryBackend serves one balancer at a time")
+        self._config = config
+        self._notify = notify
+        self._index = make_index(config.selection)
+        for channel in self._channels.values():
+            self._index.update(channel, channel.free())
+
+    async def close(self) -> None:
+        self._config = None
+        self._notify = _noop
+
+    async def set_map(self, limits: Mapping[str, int]) -> None:
+        channels = self._channels
+        for channel_id, max_jobs in limits.items():
+            channel = channels.get(channel_id)
+            if channel is None:
+                channel = channels[channel_id] = _Channel(channel_id, max_jobs)
+            else:
+                channel.max_jobs = max_jobs
+                channel.draining = False
+            self._index.update(channel, channel.free())
+        for channel_id in [c for c in channels if c not in limits]:
+            channel = channels[channel_id]
+            channel.draining = True
+            self._index.update(channel, 0)
+            if channel.in_flight == 0:
+                del channels[channel_id]
+
+    async def try_acquire(self, lease_id: str, channel: str | None) -> str | None:
+        return self.acquire_nowait(lease_id, channel)
+
+    def acquire_nowait(self, lease_id: str, channel: str | None) -> str | None:
+        """Synchronous :meth:`try_acquire`, for callers that must not suspend."""
+        if self._cooling and self._cooling[0][0] <= self._clock():
+            self._end_cooling()
+        if channel is None:
+            picked = self._index.pick(self._rng)
+            if picked is None:
+                return None
+            target: _Channel = picked  # type: ignore[assignment]
+        else:
+            found = self._channels.get(channel)
+            if found is None or found.free() == 0:
+                return None
+            target = found
+        target.in_flight += 1
+        self._index.update(target, target.free())
+        self._leases[lease_id] = target
+        return target.id
+
+    async def release(self, lease_id: str, outcome: ReleaseOutcome) -> ReleaseResult:
+        return self.release_nowait(lease_id, outcome)
+
+    def release_nowait(self, lease_id: str, outcome: ReleaseOutcome) -> ReleaseResult:
+        """Synchronous :meth:`release`."""
+        channel = self._leases.pop(lease_id, None)
+        if channel is None:
+            return _UNKNOWN
+        channel.in_flight -= 1
+        cooled = False
+        if outcome == "ok":
+            channel.failures = 0
+        elif outcome != "abandoned":
+            channel.failures += 1
+            config = self._config
+            if config is not None and (
+                outcome == "throttled" or channel.failures >= config.failures_to_cool
+            ):
+                cooled = self._cool(channel, config.cooldown)
+        if channel.draining and channel.in_flight == 0:
+            if self._channels.get(channel.id) is channel:
+                del self._channels[channel.id]
+            return ReleaseResult("released", channel.id, removed=True)
+        self._index.update(channel, channel.free())
+        if cooled:
+            return ReleaseResult("released", channel.id, cooled=True, cooling_for=self._cooldown)
+        return ReleaseResult("released", channel.id)
+
+    async def renew(self) -> RenewResult:
+        return RenewResult()
+
+    def counts(self) -> Mapping[str, ChannelCounts]:
+        if self._cooling and self._cooling[0][0] <= self._clock():
+            self._end_cooling()
+        return {
+            channel.id: ChannelCounts(channel.max_jobs, channel.in_flight, _state(channel))
+            for channel in self._channels.values()
+        }
+
+    def next_wakeup(self) -> float | None:
+        if not self._cooling:
+            return None
+        return max(0.0, self._cooling[0][0] - self._clock())
+
+    @property
+    def _rng(self) -> random.Random:
+        assert self._config is not None, "MemoryBackend used before open()"
+        return self._config.rng
+
+    @property
+    def _cooldown(self) -> float:
+        return self._config.cooldown if self._config is not None else 0.0
+
+    def _cool(self, channel: _Channel, cooldown: float) -> bool:
+        """Start or extend a cooldown; return whether the channel was not cooling."""
+        until = self._clock() + cooldown
+        was_cooling = bool(channel.cooling_until)
+        channel.cooling_until = max(channel.cooling_until, until)
+        channel.failures = 0
+        heapq.heappush(self._cooling, (channel.cooling_until, channel.id))
+        self._index.update(channel, 0)
+        return not was_cooling
+
+    def _end_cooling(self) -> None:
+        now = self._clock()
+        ended = False
+        while self._cooling and self._cooling[0][0] <= now:
+            until, channel_id = heapq.heappop(self._cooling)
+            channel = self._channels.get(channel_id)
+            # NOTE: a channel cooled twice has two heap entries; only the one
+            # matching its latest deadline ends the cooldown.
+            if channel is None or channel.cooling_until != until:
+                continue
+            channel.cooling_until = 0.0
+            self._index.update(channel, channel.free())
+            ended = True
+        if ended:
+            self._notify()
+
+
+def _state(channel: _Channel) -> ChannelState:
+    if channel.draining:
+        return "draining"
+    if channel.cooling_until:
+        return "cooling"
+    return "active"
+
+
+def _noop() -> None:
+    pass
