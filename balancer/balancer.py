@@ -181,6 +181,10 @@ class Balancer:
         self._acquired_total = 0
         self._released_total = 0
         self._timeouts_total = 0
+        # Per-lease events go through a logger bound once, on enter: a lazy
+        # proxy re-reads structlog's configuration on every call, which would
+        # cost more than the acquire itself when debug is off.
+        self._log: Any = logger
 
     def __repr__(self) -> str:
         state = "running" if self._running else ("closed" if self._closed else "new")
@@ -198,6 +202,7 @@ class Balancer:
         # group is left with no exception passed in, so the first fetch's error
         # (AuthError, SourceError, ...) reaches the caller as itself, never
         # wrapped in an ExceptionGroup.
+        self._log = logger.bind()
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         try:
@@ -309,7 +314,13 @@ class Balancer:
         elif channel not in self._accounts:
             raise NoAccountsError(f"channel {channel!r} is not in the account map", channel=channel)
         if not self._waiters.ahead_of(channel):
-            lease = await self._take(channel)
+            immediate = self._immediate
+            if immediate is not None:
+                lease_id = self._new_lease_id()
+                got = immediate.acquire_nowait(lease_id, channel)
+                lease = None if got is None else self._record_grant(lease_id, got)
+            else:
+                lease = await self._take(channel)
             if lease is not None:
                 return lease
             if timeout == 0:
@@ -317,10 +328,22 @@ class Balancer:
                 raise NoCapacityError(0, channel=channel)
         return await self._wait(timeout, channel)
 
+    def _new_lease_id(self) -> str:
+        self._next_lease += 1
+        return f"{self._owner}-{self._next_lease}"
+
+    def _record_grant(self, lease_id: str, channel: str) -> Lease:
+        info = self._infos[channel]
+        lease = Lease(lease_id, info.account, time.time(), self)
+        self._leases[lease_id] = lease
+        info.acquired_total += 1
+        self._acquired_total += 1
+        self._log.debug("lease_acquired", channel=channel, lease_id=lease_id)
+        return lease
+
     async def _take(self, channel: str | None) -> Lease | None:
         """One attempt at a slot; ``None`` when nothing is free."""
-        self._next_lease += 1
-        lease_id = f"{self._owner}-{self._next_lease}"
+        lease_id = self._new_lease_id()
         immediate = self._immediate
         if immediate is not None:
             got = immediate.acquire_nowait(lease_id, channel)
@@ -328,18 +351,12 @@ class Balancer:
             got = await self._remote_acquire(lease_id, channel)
         if got is None:
             return None
-        info = self._infos.get(got)
-        if info is None:
+        if got not in self._infos:
             # A shared backend granted a channel from another process's newer
             # map; we cannot dispatch to it without its account, so give it back.
             await self._give_back_id(lease_id)
             return None
-        lease = Lease(lease_id, info.account, time.time(), self)
-        self._leases[lease_id] = lease
-        info.acquired_total += 1
-        self._acquired_total += 1
-        logger.debug("lease_acquired", channel=got, lease_id=lease_id)
-        return lease
+        return self._record_grant(lease_id, got)
 
     async def _remote_acquire(self, lease_id: str, channel: str | None) -> str | None:
         # NOTE: the round trip is shielded so a cancellation cannot leave a grant
@@ -382,7 +399,7 @@ class Balancer:
         if waiter.lease is not None:
             # Granted, possibly just as the timeout fired: a slot in hand beats
             # a timeout error.
-            logger.debug(
+            self._log.debug(
                 "lease_waited",
                 channel=waiter.lease.channel,
                 lease_id=waiter.lease.id,
@@ -439,18 +456,10 @@ class Balancer:
             return
         immediate = self._immediate
         assert immediate is not None
-        self._next_lease += 1
-        lease_id = f"{self._owner}-{self._next_lease}"
+        lease_id = self._new_lease_id()
         got = immediate.acquire_nowait(lease_id, waiter.channel)
-        if got is None:
-            return
-        info = self._infos[got]
-        lease = Lease(lease_id, info.account, time.time(), self)
-        self._leases[lease_id] = lease
-        info.acquired_total += 1
-        self._acquired_total += 1
-        logger.debug("lease_acquired", channel=got, lease_id=lease_id, handed_off=True)
-        self._grant(waiter, lease)
+        if got is not None:
+            self._grant(waiter, self._record_grant(lease_id, got))
 
     # -- release -------------------------------------------------------------
 
@@ -486,7 +495,10 @@ class Balancer:
             raise TypeError(f"release() takes a Lease or a lease id, not {type(lease).__name__}")
         if lease._owner is not self:
             raise LeaseError(f"lease {lease.id} was issued by another balancer")
-        await self._release_lease(lease, checked)
+        if self._immediate is not None:
+            self._release_now(lease, checked)
+        else:
+            await self._release_lease(lease, checked)
 
     async def _release_foreign_id(self, lease_id: str, outcome: Outcome) -> None:
         if self._issued_here(lease_id):
@@ -509,33 +521,49 @@ class Balancer:
         return owner == self._owner and number.isdigit() and int(number) <= self._next_lease
 
     async def _release_lease(self, lease: Lease, outcome: ReleaseOutcome) -> None:
+        if self._immediate is not None:
+            self._release_now(lease, outcome)
+            return
+        if self._already_released(lease):
+            return
+        try:
+            with anyio.CancelScope(shield=True):
+                result = await self._backend.release(lease.id, outcome)
+        except BackendUnavailableError as exc:
+            # The backend stops renewing the lease, so its slot comes back
+            # within lease_ttl; raising here would mask the job's own error.
+            logger.warning("lease_release_failed", lease_id=lease.id, error=_describe(exc))
+            return
+        self._finish_release(lease, outcome, result)
+
+    def _release_now(self, lease: Lease, outcome: ReleaseOutcome) -> None:
+        """Immediate backends: release without suspending (and hand the slot over)."""
+        if self._already_released(lease):
+            return
+        immediate = self._immediate
+        assert immediate is not None
+        self._finish_release(lease, outcome, immediate.release_nowait(lease.id, outcome))
+
+    def _already_released(self, lease: Lease) -> bool:
         if lease.released:
             if not lease.lost:
                 logger.warning("lease_already_released", lease_id=lease.id, channel=lease.channel)
-            return
+            return True
         lease.released = True
         self._leases.pop(lease.id, None)
-        immediate = self._immediate
-        if immediate is not None:
-            result = immediate.release_nowait(lease.id, outcome)
-        else:
-            try:
-                with anyio.CancelScope(shield=True):
-                    result = await self._backend.release(lease.id, outcome)
-            except BackendUnavailableError as exc:
-                # The backend stops renewing the lease, so its slot comes back
-                # within lease_ttl; raising here would mask the job's own error.
-                logger.warning("lease_release_failed", lease_id=lease.id, error=_describe(exc))
-                return
+        return False
+
+    def _finish_release(self, lease: Lease, outcome: ReleaseOutcome, result: ReleaseResult) -> None:
         if result.status == "lost":
             lease.lost = True
             logger.warning("lease_lost", lease_id=lease.id, channel=lease.channel)
             return
         self._released_total += 1
-        info = self._infos.get(lease.channel)
-        if info is not None and outcome in ("failed", "throttled"):
-            info.failures_total += 1
-        logger.debug("lease_released", channel=lease.channel, lease_id=lease.id, outcome=outcome)
+        if outcome == "failed" or outcome == "throttled":
+            info = self._infos.get(lease.channel)
+            if info is not None:
+                info.failures_total += 1
+        self._log.debug("lease_released", channel=lease.channel, lease_id=lease.id, outcome=outcome)
         self._after_release(result, outcome, lease.id)
 
     def _after_release(self, result: ReleaseResult, outcome: str, lease_id: str) -> None:

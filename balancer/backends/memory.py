@@ -38,10 +38,24 @@ class _Channel:
     # ``free()`` slots; ``draining`` channels with ``in_flight == 0`` are
     # deleted from the backend at once.
 
-    __slots__ = ("cooling_until", "draining", "failures", "id", "in_flight", "max_jobs")
+    __slots__ = (
+        "cooling_until",
+        "draining",
+        "failures",
+        "id",
+        "in_flight",
+        "index_pos",
+        "index_slots",
+        "max_jobs",
+        "released",
+    )
 
     def __init__(self, channel_id: str, max_jobs: int) -> None:
         self.id = channel_id
+        # The common answer to a release, made once: no allocation per release.
+        self.released = ReleaseResult("released", channel_id)
+        self.index_pos = -1
+        self.index_slots: list[int] | None = None
         self.max_jobs = max_jobs
         self.in_flight = 0
         self.draining = False
@@ -89,6 +103,7 @@ class MemoryBackend:
         self._notify = notify
         self._index = make_index(config.selection)
         for channel in self._channels.values():
+            channel.index_pos, channel.index_slots = -1, None
             self._index.update(channel, channel.free())
 
     async def close(self) -> None:
@@ -160,7 +175,7 @@ class MemoryBackend:
         self._index.update(channel, channel.free())
         if cooled:
             return ReleaseResult("released", channel.id, cooled=True, cooling_for=self._cooldown)
-        return ReleaseResult("released", channel.id)
+        return channel.released
 
     async def renew(self) -> RenewResult:
         return RenewResult()
