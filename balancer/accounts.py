@@ -13,6 +13,7 @@ local variables by accident.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -56,7 +57,8 @@ class Secret:
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Secret):
-            return self._value == other._value
+            # Constant time: equality must not leak a token through timing.
+            return hmac.compare_digest(self._value.encode(), other._value.encode())
         return NotImplemented
 
     def __hash__(self) -> int:

@@ -60,7 +60,9 @@ class AuthError(BalancerError):
     :ivar status_code: the HTTP status (401, or 403)
     """
 
-    def __init__(self, message: str = "useapi refused the API token", *, status_code: int = 401):
+    def __init__(
+        self, message: str = "useapi refused the API token", *, status_code: int = 401
+    ) -> None:
         super().__init__(message)
         self.status_code = status_code
 
