@@ -351,9 +351,10 @@ class Balancer:
             got = await self._remote_acquire(lease_id, channel)
         if got is None:
             return None
-        if got not in self._infos:
-            # A shared backend granted a channel from another process's newer
-            # map; we cannot dispatch to it without its account, so give it back.
+        if got not in self._accounts:
+            # A shared backend granted a channel of another process's map that
+            # ours lacks (one of us is a refresh behind); without its account we
+            # cannot dispatch to it, so give it back.
             await self._give_back_id(lease_id)
             return None
         return self._record_grant(lease_id, got)
