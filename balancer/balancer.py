@@ -132,8 +132,17 @@ class Balancer:
         seed: int | None = None,
         poll_interval: float = 1.0,
     ) -> None:
+        self._running = False
+        self._closed = False
         if not callable(getattr(source, "fetch", None)):
             raise TypeError("source must have an async fetch() method")
+        if backend is not None and not all(
+            hasattr(backend, name) for name in ("immediate", "try_acquire", "release", "set_map")
+        ):
+            raise TypeError(
+                f"backend must be a Backend such as MemoryBackend() or RedisBackend(url), "
+                f"not {type(backend).__name__}"
+            )
         _check_positive("ttl", ttl)
         if max_stale is not None:
             _check_positive("max_stale", max_stale)
@@ -167,6 +176,7 @@ class Balancer:
             self._apply_map,
             ttl=self._ttl,
             rng=random.Random(None if seed is None else ~seed),
+            horizon=max_stale,
         )
         self._infos: dict[str, _ChannelInfo] = {}
         self._accounts: dict[str, Account] = {}
@@ -174,8 +184,7 @@ class Balancer:
         self._waiters = WaitQueue()
         self._wake = anyio.Event()
         self._task_group: TaskGroup | None = None
-        self._running = False
-        self._closed = False
+        self._serving = False
         self._stale_logged = False
         self._rejected_seen: frozenset[tuple[str, str]] = frozenset()
         self._acquired_total = 0
@@ -188,6 +197,8 @@ class Balancer:
 
     def __repr__(self) -> str:
         state = "running" if self._running else ("closed" if self._closed else "new")
+        if not hasattr(self, "_waiters"):  # __init__ refused its arguments
+            return f"<Balancer {state}>"
         return (
             f"<Balancer {state} channels={len(self._accounts)} leases={len(self._leases)} "
             f"waiting={len(self._waiters)} backend={type(self._backend).__name__}>"
@@ -203,6 +214,8 @@ class Balancer:
         # (AuthError, SourceError, ...) reaches the caller as itself, never
         # wrapped in an ExceptionGroup.
         self._log = logger.bind()
+        self._wake = anyio.Event()
+        opened = False
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         try:
@@ -215,6 +228,7 @@ class Balancer:
                 failures_to_cool=self._failures_to_cool,
             )
             await self._backend.open(config, self._notify, task_group)
+            opened = True
             self._running = True
             await self._cache.refresh(empty_on_404=True)
         except BaseException:
@@ -222,7 +236,7 @@ class Balancer:
             task_group.cancel_scope.cancel()
             await task_group.__aexit__(None, None, None)
             with anyio.CancelScope(shield=True):
-                await self._close_quietly()
+                await self._close_quietly(backend=opened)
             raise
         self._task_group = task_group
         task_group.start_soon(self._refresh_loop)
@@ -253,12 +267,15 @@ class Balancer:
         with anyio.CancelScope(shield=True):
             await self._close_quietly()
 
-    async def _close_quietly(self) -> None:
-        with anyio.move_on_after(5):
-            try:
-                await self._backend.close()
-            except Exception as exc:  # noqa: BLE001 - closing must not mask the exit
-                logger.warning("backend_close_failed", error=_describe(exc))
+    async def _close_quietly(self, *, backend: bool = True) -> None:
+        # NOTE: a backend whose open() failed is not ours to close: it may be
+        # serving another balancer (the reason it refused us).
+        if backend:
+            with anyio.move_on_after(5):
+                try:
+                    await self._backend.close()
+                except Exception as exc:  # noqa: BLE001 - closing must not mask the exit
+                    logger.warning("backend_close_failed", error=_describe(exc))
         aclose = getattr(self._source, "aclose", None)
         if aclose is not None:
             with anyio.move_on_after(5):
@@ -313,6 +330,10 @@ class Balancer:
                 raise NoAccountsError("no channel is configured")
         elif channel not in self._accounts:
             raise NoAccountsError(f"channel {channel!r} is not in the account map", channel=channel)
+        # NOTE: a task cancelled before it asked must not walk away with a
+        # slot; this checks without yielding, so a free slot costs no trip
+        # through the event loop.
+        await anyio.lowlevel.checkpoint_if_cancelled()
         if not self._waiters.ahead_of(channel):
             immediate = self._immediate
             if immediate is not None:
@@ -320,7 +341,11 @@ class Balancer:
                 got = immediate.acquire_nowait(lease_id, channel)
                 lease = None if got is None else self._record_grant(lease_id, got)
             else:
-                lease = await self._take(channel)
+                # The round trip counts against the timeout, like the wait.
+                deadline = math.inf if timeout is None else anyio.current_time() + timeout
+                lease = await self._take(channel, deadline)
+                if timeout is not None:
+                    timeout = max(0.0, deadline - anyio.current_time())
             if lease is not None:
                 return lease
             if timeout == 0:
@@ -341,14 +366,14 @@ class Balancer:
         self._log.debug("lease_acquired", channel=channel, lease_id=lease_id)
         return lease
 
-    async def _take(self, channel: str | None) -> Lease | None:
+    async def _take(self, channel: str | None, deadline: float = math.inf) -> Lease | None:
         """One attempt at a slot; ``None`` when nothing is free."""
         lease_id = self._new_lease_id()
         immediate = self._immediate
         if immediate is not None:
             got = immediate.acquire_nowait(lease_id, channel)
         else:
-            got = await self._remote_acquire(lease_id, channel)
+            got = await self._remote_acquire(lease_id, channel, deadline)
         if got is None:
             return None
         if got not in self._accounts:
@@ -359,12 +384,19 @@ class Balancer:
             return None
         return self._record_grant(lease_id, got)
 
-    async def _remote_acquire(self, lease_id: str, channel: str | None) -> str | None:
-        # NOTE: the round trip is shielded so a cancellation cannot leave a grant
-        # in the backend that nobody knows of; if we were cancelled meanwhile,
-        # the slot is given back before the cancellation goes on.
-        with anyio.CancelScope(shield=True):
+    async def _remote_acquire(
+        self, lease_id: str, channel: str | None, deadline: float
+    ) -> str | None:
+        # NOTE: the round trip is shielded so a cancellation cannot cut it at a
+        # point where the grant happened but nobody knows of it; if we were
+        # cancelled meanwhile, the slot is given back before the cancellation
+        # goes on. Only the acquire's own deadline may cut it short: then the
+        # backend treats the grant as in doubt and gives it back itself.
+        got: str | None = None
+        with anyio.CancelScope(shield=True, deadline=deadline) as scope:
             got = await self._backend.try_acquire(lease_id, channel)
+        if scope.cancelled_caught:
+            raise BackendUnavailableError("the backend did not answer within the acquire's timeout")
         try:
             await anyio.lowlevel.checkpoint_if_cancelled()
         except BaseException:
@@ -423,6 +455,25 @@ class Balancer:
         waiter.error = error
         waiter.event.set()
 
+    def _serve_now(self) -> None:
+        """Immediate backends: :meth:`_serve` without suspending."""
+        immediate = self._immediate
+        assert immediate is not None
+        skip: set[str] = set()
+        self._serving = True
+        try:
+            while (waiter := self._waiters.oldest(False, skip)) is not None:
+                lease_id = self._new_lease_id()
+                got = immediate.acquire_nowait(lease_id, waiter.channel)
+                if got is not None:
+                    self._grant(waiter, self._record_grant(lease_id, got))
+                elif waiter.channel is None:
+                    return
+                else:
+                    skip.add(waiter.channel)
+        finally:
+            self._serving = False
+
     async def _serve(self) -> None:
         """
         Hand slots to waiters, oldest first, until nothing more can be served.
@@ -430,6 +481,9 @@ class Balancer:
         A failed attempt for an unpinned waiter means nothing is free anywhere;
         for a pinned one, only that its channel is full.
         """
+        if self._immediate is not None:
+            self._serve_now()
+            return
         skip: set[str] = set()
         skip_unpinned = False
         while True:
@@ -700,6 +754,12 @@ class Balancer:
 
     def _notify(self) -> None:
         self._wake.set()
+        # NOTE: an immediate backend notifies from inside its own operations
+        # (a cooldown found over during an acquire). Serving the waiters right
+        # here, before that acquire picks, keeps a newcomer from taking a slot
+        # an older waiter was queued for.
+        if self._immediate is not None and self._waiters and not self._serving:
+            self._serve_now()
 
     async def _refresh_loop(self) -> None:
         while True:

@@ -68,10 +68,14 @@ class MapCache:
         ttl: float,
         rng: random.Random,
         clock: Callable[[], float] = time.monotonic,
+        horizon: float | None = None,
     ) -> None:
         self._source = source
         self._apply = apply
         self._ttl = ttl
+        # Refreshes are planned within the shorter of ttl and max_stale: a map
+        # must never go "too stale to use" while the upstream is healthy.
+        self._horizon = ttl if horizon is None else min(ttl, horizon)
         self._rng = rng
         self._clock = clock
         self._fresh: TTLCache[str, ParsedAccounts] = TTLCache(maxsize=1, ttl=ttl, timer=clock)
@@ -160,14 +164,14 @@ class MapCache:
         """
         Seconds until the next background refresh.
 
-        After a good fetch: at 75-90 % of ``ttl`` from that fetch, so the map is
+        After a good fetch: at 75-90 % of ``ttl`` (or ``max_stale``, if shorter) from that fetch, so the map is
         replaced before it goes stale and a fleet of workers does not refresh in
         lockstep. After failures: exponential backoff with full jitter, capped.
         """
         if self.consecutive_errors:
-            base = min(1.0, self._ttl / 4)
-            cap = max(base, min(self._ttl, 30.0))
+            base = min(1.0, self._horizon / 4)
+            cap = max(base, min(self._horizon, 30.0))
             ceiling = min(cap, base * 2 ** (self.consecutive_errors - 1))
             return float(ceiling * (0.5 + 0.5 * self._rng.random()))
         age = self.age() or 0.0
-        return max(0.0, self._ttl * (0.75 + 0.15 * self._rng.random()) - age)
+        return max(0.0, self._horizon * (0.75 + 0.15 * self._rng.random()) - age)

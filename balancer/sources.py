@@ -218,7 +218,7 @@ class UseapiAccountSource:
     def _parse(self, response: httpx.Response) -> ParsedAccounts:
         status = response.status_code
         if status == 200:
-            return parse_account_map(_decode_json(response.content), schema=self._schema)
+            return parse_account_map(_decode_json(response), schema=self._schema)
         if status in (401, 403):
             raise AuthError(f"useapi refused the API token (HTTP {status})", status_code=status)
         if status == 404:
@@ -248,18 +248,27 @@ class UseapiAccountSource:
         await self.aclose()
 
 
-def _decode_json(body: bytes) -> object:
-    """Decode a response body; the errors quote positions, never the body."""
+def _decode_json(response: httpx.Response) -> object:
+    """
+    Decode a response body; the errors quote positions, never the body.
+
+    The error is raised after the ``except`` blocks, not inside them: a decode
+    error holds the whole body (Discord tokens included) in ``.doc``, and an
+    exception raised inside ``except`` keeps it as ``__context__`` even with
+    ``from None``, where traceback tools that walk the chain would print it.
+    """
+    message: str
     try:
-        return json.loads(body.decode("utf-8"))
+        return json.loads(response.content.decode("utf-8"))
     except UnicodeDecodeError as exc:
-        raise AccountMapError(f"account map is not UTF-8 (byte {exc.start})") from None
+        message = f"account map is not UTF-8 (byte {exc.start})"
     except json.JSONDecodeError as exc:
-        raise AccountMapError(
+        message = (
             f"account map is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
-        ) from None
+        )
     except (ValueError, RecursionError) as exc:
-        raise AccountMapError(f"account map is not valid JSON ({type(exc).__name__})") from None
+        message = f"account map is not valid JSON ({type(exc).__name__})"
+    raise AccountMapError(message)
 
 
 class StaticAccountSource:

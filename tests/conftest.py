@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests._redis import *
+
 
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:

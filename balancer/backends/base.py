@@ -167,8 +167,9 @@ class Backend(Protocol):
         """
         Start serving one balancer; ``notify`` is called when capacity may have
         appeared through someone else (another process, a cooldown ending).
-        Background work (a pub/sub listener) may be started in ``task_group``,
-        which the balancer cancels on exit, after calling :meth:`close`.
+        Background work (a pub/sub listener) may be started in ``task_group``;
+        on exit the balancer cancels that group first, then calls :meth:`close`.
+        :meth:`close` is called only after a successful :meth:`open`.
 
         Raises:
             BackendUnavailableError: the backend cannot be reached.

@@ -191,6 +191,12 @@ class MemoryBackend:
     def next_wakeup(self) -> float | None:
         if not self._cooling:
             return None
+        if self._cooling[0][0] <= self._clock():
+            # A due cooldown is ended here, not just reported: otherwise the
+            # caller would be told "now" again and again until someone acquires.
+            self._end_cooling()
+            if not self._cooling:
+                return None
         return max(0.0, self._cooling[0][0] - self._clock())
 
     @property
