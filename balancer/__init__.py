@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from .accounts import Account, ParsedAccounts, Rejected, Secret, parse_account_map
 from .backends.memory import MemoryBackend
+from .backends.redis import RedisBackend
 from .balancer import Balancer
 from .errors import (
     AccountMapError,
@@ -52,6 +53,7 @@ __all__ = [
     "NoAccountsError",
     "NoCapacityError",
     "ParsedAccounts",
+    "RedisBackend",
     "Rejected",
     "Secret",
     "SourceError",

@@ -1,0 +1,452 @@
+"""
+The blocking facade: :class:`SyncBalancer` for threads, Celery and RQ workers.
+
+Design:
+
+* One :class:`~balancer.Balancer` runs on one event loop in one background
+  thread, reached through an anyio blocking portal. Every public method is a
+  call into that loop, so the balancer's own bookkeeping stays single-threaded
+  and needs no lock; any number of threads may call in at once.
+* ``acquire()`` blocks, then returns a :class:`SyncLease`: a thin wrapper of
+  the :class:`~balancer.Lease` that is also a context manager. ``with
+  lb.acquire() as lease`` binds the real ``Lease``; ``lease = lb.acquire()``
+  binds the wrapper, which reads like a ``Lease`` and which ``release()``
+  takes as readily as the ``Lease`` itself or its id.
+* A thread interrupted while it waits (``KeyboardInterrupt``, or any
+  exception raised into it) abandons its request in the loop: a wait still in
+  progress is cancelled, and a slot granted in the meantime is given back, so
+  nothing leaks. This is done with a :class:`_Ticket` that only the loop thread
+  touches, instead of cancelling the portal's future, because a future
+  cancelled just as its task finished would drop the granted lease unseen.
+* Closing fails every waiting ``acquire()`` with a :class:`~balancer.BalancerError`,
+  stops the loop and joins its thread: no thread is left behind.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future
+from contextlib import AbstractContextManager
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self, TypeVar
+
+import anyio
+import structlog
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from .balancer import Balancer
+from .errors import BalancerError
+
+if TYPE_CHECKING:
+    from .accounts import Account
+    from .backends.base import Outcome
+    from .lease import Lease
+    from .sources import AccountSource
+    from .statistics import BalancerStatistics
+
+__all__ = ["SyncBalancer", "SyncLease"]
+
+T = TypeVar("T")
+
+logger = structlog.get_logger("balancer")
+
+#: How often a waiting thread checks for an exception raised into it from outside.
+_INTERRUPT_CHECK_S = 0.2
+#: How long an interrupted thread waits for its cancelled request to wind up.
+_ABANDON_WAIT_S = 5.0
+
+
+class SyncLease:
+    """
+    A :class:`~balancer.Lease` from :meth:`SyncBalancer.acquire`, usable as a context manager.
+
+    ``with lb.acquire(timeout=30) as lease:`` binds the underlying ``Lease`` and
+    releases it on exit, with outcome ``"failed"`` if the block raised (unless
+    ``lease.outcome`` was set). Used without ``with``, it reads like the
+    ``Lease`` (``id``, ``channel``, ``account``, ``outcome``...) and is given
+    back with :meth:`SyncBalancer.release`.
+    """
+
+    __slots__ = ("_balancer", "lease")
+
+    def __init__(self, balancer: SyncBalancer, lease: Lease) -> None:
+        self._balancer = balancer
+        #: the lease itself
+        self.lease = lease
+
+    @property
+    def id(self) -> str:
+        return self.lease.id
+
+    @property
+    def channel(self) -> str:
+        return self.lease.channel
+
+    @property
+    def account(self) -> Account:
+        return self.lease.account
+
+    @property
+    def acquired_at(self) -> float:
+        return self.lease.acquired_at
+
+    @property
+    def outcome(self) -> Outcome:
+        return self.lease.outcome
+
+    @outcome.setter
+    def outcome(self, value: Outcome) -> None:
+        self.lease.outcome = value
+
+    @property
+    def lost(self) -> bool:
+        return self.lease.lost
+
+    @property
+    def released(self) -> bool:
+        return self.lease.released
+
+    def __enter__(self) -> Lease:
+        return self.lease
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._balancer._release_on_exit(self.lease, exc)
+
+    def __repr__(self) -> str:
+        return f"<SyncLease {self.lease!r}>"
+
+
+class _Ticket:
+    """One thread's acquire request, as seen from the loop thread."""
+
+    # Invariants: touched only in the loop thread. Once ``abandoned``, the
+    # request never hands a lease to its thread: a wait in progress is
+    # cancelled through ``scope``, and a lease already granted is released.
+    # ``ended`` is set once the request's task has started and finished.
+
+    __slots__ = ("abandoned", "ended", "lease", "scope")
+
+    def __init__(self) -> None:
+        self.abandoned = False
+        self.scope: anyio.CancelScope | None = None
+        self.lease: Lease | None = None
+        self.ended: anyio.Event | None = None
+
+
+class SyncBalancer:
+    """
+    A thread-safe, blocking :class:`~balancer.Balancer`.
+
+    Takes the same arguments and behaves the same; it runs the balancer on an
+    event loop in a background thread that starts on ``with`` (or
+    :meth:`open`) and stops on exit (or :meth:`close`)::
+
+        with SyncBalancer(UseapiAccountSource(token)) as lb:
+            with lb.acquire(timeout=30) as lease:
+                send_job(lease.channel, lease.account.discord.reveal())
+
+    Any number of threads may call it at once. A thread waiting in
+    :meth:`acquire` waits in arrival order with every other waiter; if it is
+    interrupted (``KeyboardInterrupt``), its wait is cancelled and a slot
+    granted meanwhile goes to the next waiter. Closing wakes every waiting
+    thread with a :class:`~balancer.BalancerError` and joins the loop thread.
+
+    Args:
+        source: where the account map comes from (see :class:`~balancer.Balancer`).
+        async_backend: the event loop to run on, ``"asyncio"`` or ``"trio"``.
+        async_backend_options: options for that loop (see :func:`anyio.run`).
+        **options: every keyword argument of :class:`~balancer.Balancer`
+            (``backend``, ``ttl``, ``max_stale``, ``lease_ttl``, ``selection``,
+            ``cooldown``, ``failures_to_cool``, ``seed``...).
+
+    Raises:
+        ValueError, TypeError: an argument is out of range or of the wrong type.
+    """
+
+    def __init__(
+        self,
+        source: AccountSource,
+        *,
+        async_backend: str = "asyncio",
+        async_backend_options: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> None:
+        if async_backend not in ("asyncio", "trio"):
+            raise ValueError(f"async_backend must be 'asyncio' or 'trio', not {async_backend!r}")
+        # Built here so that bad arguments raise in the caller's thread; anyio
+        # primitives created outside a loop bind to it on first use.
+        self._balancer = Balancer(source, **options)
+        self._async_backend = async_backend
+        self._async_backend_options = async_backend_options
+        self._lock = threading.Lock()
+        self._portal_cm: AbstractContextManager[BlockingPortal] | None = None
+        self._portal: BlockingPortal | None = None
+        self._balancer_cm: AbstractContextManager[Balancer] | None = None
+        self._state = "new"  # -> "open" -> "closing" -> "closed"
+
+    def __repr__(self) -> str:
+        return f"<SyncBalancer {self._state} {self._balancer!r}>"
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def open(self) -> Self:
+        """
+        Start the loop thread and enter the balancer (the first fetch happens here).
+
+        Raises:
+            AuthError, SourceError, ...: the first fetch's error, unwrapped; the
+                loop thread is stopped again before it propagates.
+            RuntimeError: already opened.
+        """
+        with self._lock:
+            if self._state != "new":
+                raise RuntimeError("a SyncBalancer can be opened once")
+            self._state = "opening"
+        portal_cm = start_blocking_portal(
+            self._async_backend, self._async_backend_options, name="balancer-sync"
+        )
+        portal = portal_cm.__enter__()
+        balancer_cm = portal.wrap_async_context_manager(self._balancer)
+        try:
+            balancer_cm.__enter__()
+        except BaseException as exc:
+            with self._lock:
+                self._state = "closed"
+            portal_cm.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        with self._lock:
+            self._portal_cm, self._portal, self._balancer_cm = portal_cm, portal, balancer_cm
+            self._state = "open"
+        return self
+
+    def close(self) -> None:
+        """
+        Close the balancer and stop its thread; waiting ``acquire()`` calls
+        raise ``BalancerError``. Does nothing if already closed.
+        """
+        with self._lock:
+            if self._state != "open":
+                if self._state == "new":
+                    self._state = "closed"
+                return
+            self._state = "closing"
+            portal_cm, balancer_cm = self._portal_cm, self._balancer_cm
+            self._portal_cm = self._balancer_cm = None
+        assert portal_cm is not None and balancer_cm is not None
+        try:
+            balancer_cm.__exit__(None, None, None)
+        finally:
+            with self._lock:
+                self._portal = None
+                self._state = "closed"
+            portal_cm.__exit__(None, None, None)
+
+    def __enter__(self) -> Self:
+        return self.open()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- calls into the loop -------------------------------------------------
+
+    def _running_portal(self) -> BlockingPortal:
+        with self._lock:
+            portal = self._portal
+            if self._state == "open" and portal is not None:
+                return portal
+        if self._state in ("new", "opening"):
+            raise RuntimeError("enter the balancer first: `with SyncBalancer(...) as lb:`")
+        raise BalancerError("the SyncBalancer is closed")
+
+    def _submit(self, portal: BlockingPortal, func: Callable[..., Any], *args: Any) -> Future[Any]:
+        try:
+            return portal.start_task_soon(func, *args)
+        except RuntimeError:
+            if self._state == "open":
+                raise  # called from the loop thread itself: a programming error
+            raise BalancerError("the SyncBalancer is closed") from None
+
+    def _call(self, func: Callable[..., Any], *args: Any) -> Any:
+        return self._submit(self._running_portal(), func, *args).result()
+
+    # -- acquire -------------------------------------------------------------
+
+    def acquire(self, *, timeout: float | None = None, channel: str | None = None) -> SyncLease:
+        """
+        Take a slot, blocking until one is free; release it with :meth:`release`
+        or use the result as a context manager.
+
+        Same choice and waiting rules as :meth:`Balancer.acquire`: waiters are
+        served in arrival order, across all threads. If the calling thread is
+        interrupted while it waits, the wait is cancelled and any slot granted
+        meanwhile is given back.
+
+        Args:
+            timeout: seconds to wait at most; ``None`` waits as long as it takes,
+                ``0`` takes a free slot or fails at once.
+            channel: pin the lease to this channel.
+
+        Raises:
+            NoCapacityError: nothing freed up within ``timeout``.
+            NoAccountsError: no channel is configured, or ``channel`` is unknown
+                or draining.
+            BalancerError: the ``SyncBalancer`` was closed (or is closed while waiting).
+            StaleAccountMapError, BackendUnavailableError: as for ``Balancer.acquire``.
+        """
+        # Validates the arguments in the caller's thread; never awaited.
+        self._balancer.acquire(timeout=timeout, channel=channel)
+        portal = self._running_portal()
+        ticket = _Ticket()
+        future: Future[Lease | None] | None = None
+        try:
+            future = self._submit(portal, self._acquire_for, ticket, timeout, channel)
+            lease = _wait(future)
+        except BaseException as exc:
+            if future is None and isinstance(exc, BalancerError | RuntimeError):
+                raise  # refused before anything was submitted
+            if future is not None and future.done() and not future.cancelled():
+                if future.exception() is exc:
+                    raise  # the acquire itself failed: nothing to give back
+            elif future is not None and future.cancelled() and isinstance(exc, CancelledError):
+                raise BalancerError("the balancer was closed while waiting") from None
+            # NOTE: interrupted while submitting or waiting. The loop may have
+            # granted the lease by now; abandoning settles it there, in order.
+            self._abandon(ticket)
+            raise
+        assert lease is not None  # only an abandoned request yields None
+        return SyncLease(self, lease)
+
+    async def _acquire_for(
+        self, ticket: _Ticket, timeout: float | None, channel: str | None
+    ) -> Lease | None:
+        """Run in the loop: acquire for a thread, unless it gave up meanwhile."""
+        if ticket.abandoned:
+            return None
+        ticket.ended = anyio.Event()
+        try:
+            if self._state != "open":
+                raise BalancerError("the SyncBalancer is closed")
+            with anyio.CancelScope() as scope:
+                ticket.scope = scope
+                lease = await self._balancer._acquire(timeout, channel)
+                # NOTE: the thread may have given up while we waited; it no
+                # longer reads the result, so the lease goes back.
+            ticket.scope = None
+            if scope.cancelled_caught:
+                return None  # abandoned while waiting; the balancer gave back any grant
+            if ticket.abandoned:
+                await self._balancer._release_lease(lease, "abandoned")
+                return None
+            ticket.lease = lease
+            return lease
+        finally:
+            ticket.ended.set()
+
+    async def _abandon_in_loop(self, ticket: _Ticket) -> None:
+        """Run in the loop: cancel a thread's request and wait until it is wound up."""
+        ticket.abandoned = True
+        if ticket.scope is not None:
+            ticket.scope.cancel()
+        if ticket.ended is not None:
+            # Not started yet: it will see ``abandoned`` and do nothing.
+            await ticket.ended.wait()
+        lease, ticket.lease = ticket.lease, None
+        if lease is not None:
+            await self._balancer._release_lease(lease, "abandoned")
+
+    def _abandon(self, ticket: _Ticket) -> None:
+        with self._lock:
+            portal = self._portal
+        if portal is None:
+            return  # closing: the balancer fails or reclaims every wait itself
+        try:
+            portal.start_task_soon(self._abandon_in_loop, ticket).result(_ABANDON_WAIT_S)
+        except RuntimeError:
+            return  # the portal stopped meanwhile: closing reclaimed everything
+        except Exception as exc:  # noqa: BLE001 - the thread's interruption matters more
+            logger.warning("acquire_abandon_failed", error=f"{type(exc).__name__}: {exc}")
+
+    # -- release -------------------------------------------------------------
+
+    def release(self, lease: Lease | SyncLease | str, outcome: str = "ok") -> None:
+        """
+        Give a lease's slot back and report how the job went.
+
+        Same rules as :meth:`Balancer.release`: idempotent, ``"throttled"``
+        cools the channel, ``lease`` may be the lease, its wrapper or its id.
+
+        Raises:
+            LeaseError: the lease belongs to another balancer, or (memory
+                backend) the id was never issued here.
+            BalancerError: the ``SyncBalancer`` is closed.
+        """
+        if isinstance(lease, SyncLease):
+            lease = lease.lease
+        self._call(self._balancer.release, lease, outcome)
+
+    def _release_on_exit(self, lease: Lease, exc: BaseException | None) -> None:
+        outcome = self._balancer._exit_outcome(lease, exc)
+        try:
+            self._call(self._balancer._release_lease, lease, outcome)
+        except BalancerError:
+            if exc is None:
+                raise
+            # Closing reclaimed the slot; the block's own error matters more.
+
+    # -- the rest ------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """
+        Fetch the account map now, sharing a fetch already in progress.
+
+        Raises:
+            AuthError, ConfigNotFoundError, SourceError, AccountMapError: that
+            fetch's error; the last good map stays in use.
+        """
+        self._call(self._balancer.refresh)
+
+    def statistics(self) -> BalancerStatistics:
+        """
+        Return a snapshot of capacity and history (see :meth:`Balancer.statistics`).
+
+        Taken in the loop thread while the balancer runs, so it is consistent;
+        before opening and after closing it is read directly.
+        """
+        with self._lock:
+            portal = self._portal
+        if portal is None:
+            return self._balancer.statistics()
+        try:
+            stats: BalancerStatistics = portal.call(self._balancer.statistics)
+        except RuntimeError:  # stopped meanwhile: nothing else touches it now
+            return self._balancer.statistics()
+        return stats
+
+
+def _wait(future: Future[T]) -> T:
+    """
+    Block until ``future`` is done and return its result (or raise its error).
+
+    Waits in slices so that an exception raised into this thread from outside
+    (``PyThreadState_SetAsyncExc``, as some job runners do for time limits) is
+    seen promptly; in the main thread, a signal (Ctrl-C) interrupts at once.
+    """
+    while True:
+        try:
+            return future.result(timeout=_INTERRUPT_CHECK_S)
+        except TimeoutError:
+            # NOTE: NoCapacityError is a TimeoutError too: only a future still
+            # pending means the slice ran out.
+            if future.done():
+                return future.result()
