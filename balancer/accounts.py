@@ -143,7 +143,7 @@ def parse_account_map(payload: object, *, schema: str = "v1") -> ParsedAccounts:
         ValueError: ``schema`` is neither ``"v1"`` nor ``"v2"``.
     """
     if schema not in ("v1", "v2"):
-        raise ValueError(f"schema must be 'v1' or 'v2', not {schema!r}")
+        raise ValueError("schema must be 'v1' or 'v2'")
     if not isinstance(payload, Mapping):
         raise AccountMapError(f"account map must be a JSON object, not {_json_type_name(payload)}")
     parse_entry = _parse_v1 if schema == "v1" else _parse_v2

@@ -151,7 +151,7 @@ class Balancer:
         _check_positive("cooldown", cooldown, allow_zero=True)
         _check_positive("poll_interval", poll_interval)
         if selection not in _SELECTIONS:
-            raise ValueError(f"selection must be one of {sorted(_SELECTIONS)}, not {selection!r}")
+            raise ValueError(f"selection must be one of {sorted(_SELECTIONS)}")
         if isinstance(failures_to_cool, bool) or not isinstance(failures_to_cool, int):
             raise TypeError("failures_to_cool must be an int")
         if failures_to_cool < 1:
@@ -538,7 +538,7 @@ class Balancer:
                 backend) the id was never issued here.
         """
         if outcome not in _OUTCOMES:
-            raise ValueError(f"outcome must be one of {sorted(_OUTCOMES)}, not {outcome!r}")
+            raise ValueError(f"outcome must be one of {sorted(_OUTCOMES)}")
         checked = cast(Outcome, outcome)
         if isinstance(lease, str):
             found = self._leases.get(lease)

@@ -62,7 +62,7 @@ class Lease:
     @outcome.setter
     def outcome(self, value: Outcome) -> None:
         if value not in _OUTCOMES:
-            raise ValueError(f"outcome must be one of {sorted(_OUTCOMES)}, not {value!r}")
+            raise ValueError(f"outcome must be one of {sorted(_OUTCOMES)}")
         self._outcome = value
         self._outcome_set = True
 

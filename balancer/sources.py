@@ -144,7 +144,7 @@ class UseapiAccountSource:
             # Header-encoding errors would quote the value; refuse it up front.
             raise ValueError("token must be printable ASCII without spaces")
         if schema not in _PATHS:
-            raise ValueError(f"schema must be 'v1' or 'v2', not {schema!r}")
+            raise ValueError("schema must be 'v1' or 'v2'")
         if isinstance(timeout, bool) or not isinstance(timeout, int | float):
             raise TypeError(f"timeout must be a number, not {type(timeout).__name__}")
         if not (0 < timeout < math.inf):
@@ -297,7 +297,7 @@ class StaticAccountSource:
         self, accounts: Mapping[str, Account] | Mapping[str, object], *, schema: str = "v1"
     ) -> None:
         if schema not in _PATHS:
-            raise ValueError(f"schema must be 'v1' or 'v2', not {schema!r}")
+            raise ValueError("schema must be 'v1' or 'v2'")
         self._schema = schema
         self.fetch_count = 0
         self._accounts: dict[str, Account] = {}

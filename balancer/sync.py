@@ -178,7 +178,7 @@ class SyncBalancer:
         **options: Any,
     ) -> None:
         if async_backend not in ("asyncio", "trio"):
-            raise ValueError(f"async_backend must be 'asyncio' or 'trio', not {async_backend!r}")
+            raise ValueError("async_backend must be 'asyncio' or 'trio'")
         # Built here so that bad arguments raise in the caller's thread; anyio
         # primitives created outside a loop bind to it on first use.
         self._balancer = Balancer(source, **options)

@@ -172,7 +172,9 @@ class RedisBackend:
         if isinstance(url_or_client, str):
             scheme = urlsplit(url_or_client).scheme
             if scheme not in ("redis", "rediss", "unix"):
-                raise ValueError(f"unsupported Redis URL scheme {scheme!r}")
+                raise ValueError(
+                    "unsupported Redis URL scheme (use redis://, rediss:// or unix://)"
+                )
             self._target = Secret(url_or_client)
             self._shown = mask_url(url_or_client)
         elif is_redis_py_client(url_or_client) or is_coredis_client(url_or_client):
