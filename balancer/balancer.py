@@ -20,14 +20,17 @@ Design:
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import secrets
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, cast, get_args
 
 import anyio
+import anyio.lowlevel
 import structlog
 
 from .backends.base import (
@@ -194,6 +197,8 @@ class Balancer:
         # proxy re-reads structlog's configuration on every call, which would
         # cost more than the acquire itself when debug is off.
         self._log: Any = logger
+        self._debug = False
+        self._make_event: Callable[[], anyio.Event] = anyio.Event
 
     def __repr__(self) -> str:
         state = "running" if self._running else ("closed" if self._closed else "new")
@@ -214,6 +219,8 @@ class Balancer:
         # (AuthError, SourceError, ...) reaches the caller as itself, never
         # wrapped in an ExceptionGroup.
         self._log = logger.bind()
+        self._debug = _debug_enabled(self._log)
+        self._make_event = _event_factory()
         self._wake = anyio.Event()
         opened = False
         task_group = anyio.create_task_group()
@@ -330,10 +337,9 @@ class Balancer:
                 raise NoAccountsError("no channel is configured")
         elif channel not in self._accounts:
             raise NoAccountsError(f"channel {channel!r} is not in the account map", channel=channel)
-        # NOTE: a task cancelled before it asked must not walk away with a
-        # slot; this checks without yielding, so a free slot costs no trip
-        # through the event loop.
-        await anyio.lowlevel.checkpoint_if_cancelled()
+        # NOTE: a free slot is taken without a checkpoint (no trip through the
+        # event loop, no cancellation check): the cheapest acquire is the one
+        # that does not yield. Waiting, below, is a checkpoint like any other.
         if not self._waiters.ahead_of(channel):
             immediate = self._immediate
             if immediate is not None:
@@ -363,7 +369,8 @@ class Balancer:
         self._leases[lease_id] = lease
         info.acquired_total += 1
         self._acquired_total += 1
-        self._log.debug("lease_acquired", channel=channel, lease_id=lease_id)
+        if self._debug:
+            self._log.debug("lease_acquired", channel=channel, lease_id=lease_id)
         return lease
 
     async def _take(self, channel: str | None, deadline: float = math.inf) -> Lease | None:
@@ -413,13 +420,16 @@ class Balancer:
                 logger.warning("lease_release_failed", lease_id=lease_id, error=_describe(exc))
 
     async def _wait(self, timeout: float | None, channel: str | None) -> Lease:
-        waiter = self._waiters.push(channel)
+        waiter = self._waiters.push(channel, self._make_event())
         started = time.monotonic()
         if self._immediate is None:
             self._wake.set()
         try:
-            with anyio.move_on_after(math.inf if timeout is None else timeout):
+            if timeout is None:
                 await waiter.event.wait()
+            else:
+                with anyio.move_on_after(timeout):
+                    await waiter.event.wait()
         except BaseException:
             # NOTE: cancelled from outside. A slot handed over in the meantime
             # is ours to give back, to the next waiter.
@@ -432,12 +442,13 @@ class Balancer:
         if waiter.lease is not None:
             # Granted, possibly just as the timeout fired: a slot in hand beats
             # a timeout error.
-            self._log.debug(
-                "lease_waited",
-                channel=waiter.lease.channel,
-                lease_id=waiter.lease.id,
-                waited_s=round(time.monotonic() - started, 6),
-            )
+            if self._debug:
+                self._log.debug(
+                    "lease_waited",
+                    channel=waiter.lease.channel,
+                    lease_id=waiter.lease.id,
+                    waited_s=round(time.monotonic() - started, 6),
+                )
             return waiter.lease
         if waiter.error is not None:
             raise waiter.error
@@ -592,11 +603,27 @@ class Balancer:
         self._finish_release(lease, outcome, result)
 
     def _release_now(self, lease: Lease, outcome: ReleaseOutcome) -> None:
-        """Immediate backends: release without suspending (and hand the slot over)."""
+        """Immediate backends: release without suspending, handing the slot over."""
         if self._already_released(lease):
             return
         immediate = self._immediate
         assert immediate is not None
+        if self._waiters and outcome == "ok":
+            # NOTE: direct transfer: the slot stays counted and moves to the
+            # oldest waiter that can use it, with no trip through the free
+            # index. The backend refuses when the channel may not grant
+            # (draining, cooling, over a lowered max_jobs).
+            waiter = self._waiters.oldest_for(lease.channel)
+            if waiter is not None:
+                new_id = self._new_lease_id()
+                if immediate.transfer_nowait(lease.id, new_id):
+                    self._released_total += 1
+                    if self._debug:
+                        self._log.debug(
+                            "lease_released", channel=lease.channel, lease_id=lease.id, outcome="ok"
+                        )
+                    self._grant(waiter, self._record_grant(new_id, lease.channel))
+                    return
         self._finish_release(lease, outcome, immediate.release_nowait(lease.id, outcome))
 
     def _already_released(self, lease: Lease) -> bool:
@@ -618,7 +645,10 @@ class Balancer:
             info = self._infos.get(lease.channel)
             if info is not None:
                 info.failures_total += 1
-        self._log.debug("lease_released", channel=lease.channel, lease_id=lease.id, outcome=outcome)
+        if self._debug:
+            self._log.debug(
+                "lease_released", channel=lease.channel, lease_id=lease.id, outcome=outcome
+            )
         self._after_release(result, outcome, lease.id)
 
     def _after_release(self, result: ReleaseResult, outcome: str, lease_id: str) -> None:
@@ -663,27 +693,39 @@ class Balancer:
         self._wake.set()
 
     async def _apply_map(self, parsed: ParsedAccounts) -> None:
+        # One pass over the new map: a 10,000-channel map arrives on every
+        # refresh of every worker, so this stays a small multiple of json.loads.
         new = parsed.accounts
         old = self._accounts
-        added = [c for c in new if c not in old]
-        removed = [c for c in old if c not in new]
-        changed = [c for c in new if c in old and old[c] != new[c]]
-        self._log_rejected(parsed)
+        infos = self._infos
+        added: list[str] = []
+        changed = 0
+        limits: dict[str, int] = {}
         for channel, account in new.items():
-            info = self._infos.get(channel)
+            limits[channel] = account.max_jobs
+            info = infos.get(channel)
             if info is None:
-                self._infos[channel] = _ChannelInfo(account)
-            else:
-                info.account = account
+                infos[channel] = _ChannelInfo(account)
+                added.append(channel)
+                continue
+            before = old.get(channel)
+            if before is None:
+                added.append(channel)  # back from draining
+            elif before is not account and _differs(before, account):
+                changed += 1
+            info.account = account
+        # Nothing was removed iff the old map is the new one minus the additions.
+        removed = [] if len(old) + len(added) == len(new) else [c for c in old if c not in new]
+        self._log_rejected(parsed)
         self._accounts = dict(new)
         # NOTE: with a remote backend other tasks run during this round trip;
         # they already see the new accounts, and a grant of a channel the
         # backend still has but we dropped is given back by _take().
-        await self._backend.set_map({c: a.max_jobs for c, a in new.items()})
-        counts = self._backend.counts()
+        await self._backend.set_map(limits)
+        counts = self._backend.counts() if removed else {}
         for channel in removed:
             if channel not in counts:
-                self._infos.pop(channel, None)
+                infos.pop(channel, None)
         self._log_map_change(added, removed, changed, counts)
         self._fail_unservable(removed)
         if self._immediate is not None:
@@ -715,7 +757,7 @@ class Balancer:
         self._rejected_seen = seen
 
     def _log_map_change(
-        self, added: list[str], removed: list[str], changed: list[str], counts: Any
+        self, added: list[str], removed: list[str], changed: int, counts: Any
     ) -> None:
         first = self._cache.fetched_at is None
         if not first and len(added) + len(removed) <= _CHANNEL_EVENTS_MAX:
@@ -735,7 +777,7 @@ class Balancer:
                 channels=len(self._accounts),
                 added=len(added),
                 removed=len(removed),
-                changed=len(changed),
+                changed=changed,
             )
 
     def _check_stale(self) -> None:
@@ -866,6 +908,49 @@ def _check_positive(name: str, value: object, *, allow_zero: bool = False) -> No
     if math.isnan(value) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be {bound}, not {value!r}")
+
+
+def _differs(before: Account, after: Account) -> bool:
+    """Whether a channel's account changed (limit, server or token)."""
+    return (
+        before.max_jobs != after.max_jobs
+        or before.server != after.server
+        or before.discord.reveal() != after.discord.reveal()
+    )
+
+
+def _debug_enabled(log: Any) -> bool:
+    """
+    Whether per-lease debug events would be emitted.
+
+    Only when the application configured structlog (an unconfigured structlog
+    prints every level to stdout, which would spam a worker that never asked
+    for structlog at all) and its logger lets debug through.
+    """
+    if not structlog.is_configured():
+        return False
+    is_enabled_for = getattr(log, "is_enabled_for", None) or getattr(log, "isEnabledFor", None)
+    if is_enabled_for is None:
+        return True
+    try:
+        return bool(is_enabled_for(logging.DEBUG))
+    except Exception:  # noqa: BLE001 - an exotic wrapper class: log rather than guess wrong
+        return True
+
+
+def _event_factory() -> Callable[[], anyio.Event]:
+    """
+    The running event loop's own event class, looked up once.
+
+    ``anyio.Event()`` finds the loop on every call, which costs more than the
+    rest of a hand-off; the backend's ``create_event`` is what it ends up
+    calling anyway.
+    """
+    get_backend = getattr(anyio.lowlevel, "get_async_backend", None)
+    if get_backend is None:  # anyio without the public lookup
+        return anyio.Event
+    create: Callable[[], anyio.Event] = get_backend().create_event
+    return create
 
 
 def _describe(exc: BaseException) -> str:

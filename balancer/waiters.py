@@ -35,10 +35,10 @@ class Waiter:
 
     __slots__ = ("channel", "done", "error", "event", "lease", "seq")
 
-    def __init__(self, seq: int, channel: str | None) -> None:
+    def __init__(self, seq: int, channel: str | None, event: anyio.Event | None = None) -> None:
         self.seq = seq
         self.channel = channel
-        self.event = anyio.Event()
+        self.event = anyio.Event() if event is None else event
         self.lease: Lease | None = None
         self.error: BaseException | None = None
         self.done = False
@@ -69,9 +69,10 @@ class WaitQueue:
             return True
         return channel is not None and channel in self._pinned
 
-    def push(self, channel: str | None) -> Waiter:
+    def push(self, channel: str | None, event: anyio.Event | None = None) -> Waiter:
+        """Queue a new waiter; ``event`` is what it will wait on (default: a new one)."""
         self._seq += 1
-        waiter = Waiter(self._seq, channel)
+        waiter = Waiter(self._seq, channel, event)
         if channel is None:
             self._unpinned[waiter.seq] = waiter
         else:

@@ -233,3 +233,11 @@ class ImmediateBackend(Backend, Protocol):
     def release_nowait(self, lease_id: str, outcome: ReleaseOutcome) -> ReleaseResult:
         """Synchronous :meth:`Backend.release`."""
         ...
+
+    def transfer_nowait(self, lease_id: str, new_lease_id: str) -> bool:
+        """
+        Release ``lease_id`` with outcome ``"ok"`` and grant its slot to
+        ``new_lease_id`` in one step, counts unchanged; ``False`` (and nothing
+        done) when the channel may not grant a new lease now.
+        """
+        ...

@@ -112,18 +112,24 @@ class MemoryBackend:
 
     async def set_map(self, limits: Mapping[str, int]) -> None:
         channels = self._channels
+        index = self._index
         for channel_id, max_jobs in limits.items():
             channel = channels.get(channel_id)
             if channel is None:
                 channel = channels[channel_id] = _Channel(channel_id, max_jobs)
             else:
+                if channel.max_jobs == max_jobs and not channel.draining:
+                    continue  # unchanged: its place in the index is right
                 channel.max_jobs = max_jobs
                 channel.draining = False
-            self._index.update(channel, channel.free())
+            index.update(channel, channel.free())
+        if len(channels) == len(limits):
+            return  # every channel here is in limits: nothing to drain
         for channel_id in [c for c in channels if c not in limits]:
             channel = channels[channel_id]
-            channel.draining = True
-            self._index.update(channel, 0)
+            if not channel.draining:
+                channel.draining = True
+                index.update(channel, 0)
             if channel.in_flight == 0:
                 del channels[channel_id]
 
@@ -176,6 +182,22 @@ class MemoryBackend:
         if cooled:
             return ReleaseResult("released", channel.id, cooled=True, cooling_for=self._cooldown)
         return channel.released
+
+    def transfer_nowait(self, lease_id: str, new_lease_id: str) -> bool:
+        channel = self._leases.get(lease_id)
+        if (
+            channel is None
+            or channel.draining
+            or channel.cooling_until
+            or channel.in_flight > channel.max_jobs
+        ):
+            return False
+        # in_flight <= max_jobs: once this lease is gone there is a free slot
+        # on an active channel, and the new lease takes it.
+        del self._leases[lease_id]
+        self._leases[new_lease_id] = channel
+        channel.failures = 0
+        return True
 
     async def renew(self) -> RenewResult:
         return RenewResult()
