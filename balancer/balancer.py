@@ -344,8 +344,13 @@ class Balancer:
             immediate = self._immediate
             if immediate is not None:
                 lease_id = self._new_lease_id()
-                got = immediate.acquire_nowait(lease_id, channel)
-                lease = None if got is None else self._record_grant(lease_id, got)
+                got = immediate.acquire_tag_nowait(lease_id, channel)
+                if type(got) is _ChannelInfo:
+                    lease = self._record_info(lease_id, got)
+                elif got is None:
+                    lease = None
+                else:  # an untagged channel: its id
+                    lease = self._record_grant(lease_id, cast(str, got))
             else:
                 # The round trip counts against the timeout, like the wait.
                 deadline = math.inf if timeout is None else anyio.current_time() + timeout
@@ -364,13 +369,15 @@ class Balancer:
         return f"{self._owner}-{self._next_lease}"
 
     def _record_grant(self, lease_id: str, channel: str) -> Lease:
-        info = self._infos[channel]
+        return self._record_info(lease_id, self._infos[channel])
+
+    def _record_info(self, lease_id: str, info: _ChannelInfo) -> Lease:
         lease = Lease(lease_id, info.account, time.time(), self)
         self._leases[lease_id] = lease
         info.acquired_total += 1
         self._acquired_total += 1
         if self._debug:
-            self._log.debug("lease_acquired", channel=channel, lease_id=lease_id)
+            self._log.debug("lease_acquired", channel=lease.channel, lease_id=lease_id)
         return lease
 
     async def _take(self, channel: str | None, deadline: float = math.inf) -> Lease | None:
@@ -722,6 +729,8 @@ class Balancer:
         # they already see the new accounts, and a grant of a channel the
         # backend still has but we dropped is given back by _take().
         await self._backend.set_map(limits)
+        if self._immediate is not None and added:
+            self._immediate.set_tags({channel: infos[channel] for channel in added})
         counts = self._backend.counts() if removed else {}
         for channel in removed:
             if channel not in counts:

@@ -234,6 +234,21 @@ class ImmediateBackend(Backend, Protocol):
         """Synchronous :meth:`Backend.release`."""
         ...
 
+    def set_tags(self, tags: Mapping[str, object]) -> None:
+        """
+        Attach an object of the caller's to each channel, returned by
+        :meth:`acquire_tag_nowait`: the balancer's per-channel record rides on
+        the backend's channel, sparing a lookup per acquire.
+        """
+        ...
+
+    def acquire_tag_nowait(self, lease_id: str, channel: str | None) -> object:
+        """
+        :meth:`acquire_nowait` answering the granted channel's tag, or its id
+        when it has none; ``None`` when nothing was granted.
+        """
+        ...
+
     def transfer_nowait(self, lease_id: str, new_lease_id: str) -> bool:
         """
         Release ``lease_id`` with outcome ``"ok"`` and grant its slot to

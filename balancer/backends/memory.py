@@ -48,6 +48,7 @@ class _Channel:
         "index_slots",
         "max_jobs",
         "released",
+        "tag",
     )
 
     def __init__(self, channel_id: str, max_jobs: int) -> None:
@@ -56,6 +57,8 @@ class _Channel:
         self.released = ReleaseResult("released", channel_id)
         self.index_pos = -1
         self.index_slots: list[int] | None = None
+        # Whatever the balancer keeps for this channel (see set_tags).
+        self.tag: object = None
         self.max_jobs = max_jobs
         self.in_flight = 0
         self.draining = False
@@ -136,8 +139,24 @@ class MemoryBackend:
     async def try_acquire(self, lease_id: str, channel: str | None) -> str | None:
         return self.acquire_nowait(lease_id, channel)
 
+    def set_tags(self, tags: Mapping[str, object]) -> None:
+        for channel_id, tag in tags.items():
+            channel = self._channels.get(channel_id)
+            if channel is not None:
+                channel.tag = tag
+
+    def acquire_tag_nowait(self, lease_id: str, channel: str | None) -> object:
+        got = self._take(lease_id, channel)
+        if got is None:
+            return None
+        return got.id if got.tag is None else got.tag
+
     def acquire_nowait(self, lease_id: str, channel: str | None) -> str | None:
         """Synchronous :meth:`try_acquire`, for callers that must not suspend."""
+        got = self._take(lease_id, channel)
+        return None if got is None else got.id
+
+    def _take(self, lease_id: str, channel: str | None) -> _Channel | None:
         if self._cooling and self._cooling[0][0] <= self._clock():
             self._end_cooling()
         if channel is None:
@@ -153,7 +172,7 @@ class MemoryBackend:
         target.in_flight += 1
         self._index.update(target, target.free())
         self._leases[lease_id] = target
-        return target.id
+        return target
 
     async def release(self, lease_id: str, outcome: ReleaseOutcome) -> ReleaseResult:
         return self.release_nowait(lease_id, outcome)
