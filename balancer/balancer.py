@@ -331,7 +331,8 @@ class Balancer:
     async def _acquire(self, timeout: float | None, channel: str | None) -> Lease:
         if not self._running:
             raise RuntimeError("enter the balancer first: `async with Balancer(...) as lb:`")
-        self._check_stale()
+        if self._max_stale is not None:
+            self._check_stale()
         if channel is None:
             if not self._accounts:
                 raise NoAccountsError("no channel is configured")
@@ -428,7 +429,7 @@ class Balancer:
 
     async def _wait(self, timeout: float | None, channel: str | None) -> Lease:
         waiter = self._waiters.push(channel, self._make_event())
-        started = time.monotonic()
+        started = time.monotonic() if self._debug else 0.0
         if self._immediate is None:
             self._wake.set()
         try:
