@@ -11,6 +11,8 @@ For release checks; not part of CI::
     python -m benchmarks.soak                  # 10 minutes
     python -m benchmarks.soak --duration 60    # one minute
     python -m benchmarks.soak --logs DIR       # keep the workers' warning logs
+    python -m benchmarks.soak --aggressive --redis-down 3 --duration 40
+                                               # the known limit: Redis down > lease_ttl
 
 Prints a line of figures every ``--every`` seconds and the final summary; exits
 1 when the observer saw any violation (over-dispatch, a stale map, a grant
@@ -52,6 +54,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--every", type=float, default=5.0, help="seconds between live lines")
     parser.add_argument("--logs", type=Path, default=None, help="keep worker logs here")
+    parser.add_argument(
+        "--redis-down",
+        type=float,
+        default=0.0,
+        help="seconds Redis stays down at each restart (above lease_ttl=2 s, leases of "
+        "running jobs are lost: the documented limit)",
+    )
+    parser.add_argument(
+        "--aggressive",
+        action="store_true",
+        help="map change every 0.2-0.6 s, faults every 0.8 s, SIGKILL every 7 s, Redis "
+        "restart every 6 s, 5%% throttled and 10%% failed jobs, 16 tasks per worker",
+    )
     args = parser.parse_args(argv)
     log_dir = args.logs or Path(tempfile.mkdtemp(prefix="balancer-soak-"))
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -61,7 +76,14 @@ def main(argv: list[str] | None = None) -> int:
         tasks_per_worker=args.tasks,
         seed=args.seed,
         log_dir=log_dir,
+        redis_down=args.redis_down,
     )
+    if args.aggressive:
+        config.map_every = (0.2, 0.6)
+        config.fault_on = config.fault_off = 0.8
+        config.kill_at, config.redis_at = (3.0, 7.0), (5.0, 6.0)
+        config.p_throttle, config.p_fail = 0.05, 0.1
+        config.tasks_per_worker = 16
     with RedisServer() as server:
         report = anyio.run(run_fleet, config, server, _live, args.every)
     print(report.summary().replace("chaos:", "soak:", 1))
