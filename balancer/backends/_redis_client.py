@@ -8,10 +8,11 @@ interface; :class:`RedisPyClient` implements it over redis-py's asyncio client
 (asyncio only) and :class:`CoredisClient` over coredis (built on anyio: asyncio
 and trio).
 
-Every failure of the client library (connection refused or lost, timeouts,
-a server error such as ``LOADING`` or ``READONLY``) leaves this module as
+Every failure of the client library (connection refused or lost, a server
+error such as ``LOADING`` or ``READONLY``) leaves this module as
 :class:`~balancer.errors.BackendUnavailableError`, with a message that holds no
-password. ``redis`` and ``coredis`` are imported here and only when needed.
+password; a request that timed out leaves as the built-in :class:`TimeoutError`
+(the backend words it as "did not answer"). ``redis`` and ``coredis`` are imported here and only when needed.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from ._redis_scripts import Script
 
 __all__ = [
+    "Arg",
     "CoredisClient",
     "RedisPyClient",
     "ScriptClient",
@@ -42,6 +44,9 @@ __all__ = [
     "mask_url",
 ]
 
+#: A script argument (bytes are sent as they are: pre-encode fixed ones).
+Arg = str | int | bytes
+
 _INSTALL_HINT = "RedisBackend needs the redis extra: pip install 'balancer[redis]'"
 #: Seconds between keepalive PINGs on an idle pub/sub connection.
 _KEEPALIVE = 10.0
@@ -50,7 +55,13 @@ _KEEPALIVE = 10.0
 class ScriptClient(Protocol):
     """What the backend needs of a Redis client."""
 
-    async def run(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+    #: True when the client's own timeouts bound every round trip (a client
+    #: built from a URL: ``timeout`` to wait for the reply, and for a pooled
+    #: connection under coredis, plus ``connect_timeout`` to open one), so the
+    #: backend needs no deadline of its own around each call.
+    bounded: bool
+
+    async def run(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """Run ``script`` (EVALSHA, loading it once after NOSCRIPT) and return its reply."""
         ...
 
@@ -90,6 +101,10 @@ def _unavailable(exc: BaseException, hide: Sequence[str]) -> BackendUnavailableE
     return BackendUnavailableError(f"Redis unavailable: {describe(exc, hide=hide)}")
 
 
+def _timed_out(exc: BaseException, hide: Sequence[str]) -> TimeoutError:
+    return TimeoutError(describe(exc, hide=hide))
+
+
 def is_redis_py_client(obj: object) -> bool:
     """True for a ``redis.asyncio`` client (without importing redis for other objects)."""
     module = type(obj).__module__
@@ -118,8 +133,13 @@ class RedisPyClient:
 
         self._client = client
         self._owned = owned
+        self.bounded = owned  # from_url() sets the socket timeouts
         self._hide = hide
         self._errors: tuple[type[BaseException], ...] = (redis.exceptions.RedisError, OSError)
+        self._timeouts: tuple[type[BaseException], ...] = (
+            redis.exceptions.TimeoutError,
+            TimeoutError,
+        )
         self._noscript = redis.exceptions.NoScriptError
 
     @classmethod
@@ -143,13 +163,15 @@ class RedisPyClient:
         )
         return cls(client, owned=True, hide=_password(url))
 
-    async def run(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+    async def run(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         try:
             try:
                 return await self._client.evalsha(script.sha, len(keys), *keys, *args)
             except self._noscript:
                 await self._client.script_load(script.source)
                 return await self._client.evalsha(script.sha, len(keys), *keys, *args)
+        except self._timeouts as exc:
+            raise _timed_out(exc, self._hide) from exc
         except self._errors as exc:
             raise _unavailable(exc, self._hide) from exc
 
@@ -206,8 +228,10 @@ class CoredisClient:
             anyio.BrokenResourceError,
             anyio.EndOfStream,
         )
+        self._timeouts: tuple[type[BaseException], ...] = (TimeoutError,)
         self._noscript = coredis.exceptions.NoScriptError
         self._scope: anyio.CancelScope | None = None
+        self.bounded = owned  # from_url() sets the stream and connect timeouts
 
     @classmethod
     async def from_url(
@@ -225,6 +249,8 @@ class CoredisClient:
             decode_components=True,
             stream_timeout=timeout,
             connect_timeout=connect_timeout,
+            # Waiting for a pooled connection is bounded too (see ``bounded``).
+            timeout=timeout,
         )
         pool.connection_class = _closing_connection_class(pool.connection_class)
         client = coredis.Redis(
@@ -246,7 +272,7 @@ class CoredisClient:
                 task_status.started()
                 await anyio.sleep_forever()
 
-    async def run(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+    async def run(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         try:
             try:
                 return await self._client.evalsha(script.sha, keys=keys, args=args)
@@ -254,7 +280,9 @@ class CoredisClient:
                 await self._client.script_load(script.source)
                 return await self._client.evalsha(script.sha, keys=keys, args=args)
         except BaseExceptionGroup as group:
-            raise self._translate(group) from group
+            raise self._translate(group, timeouts=True) from group
+        except self._timeouts as exc:
+            raise _timed_out(exc, self._hide) from exc
         except self._errors as exc:
             raise _unavailable(exc, self._hide) from exc
 
@@ -280,19 +308,24 @@ class CoredisClient:
         except self._errors as exc:
             raise _unavailable(exc, self._hide) from exc
 
-    def _translate(self, group: BaseExceptionGroup[BaseException]) -> BaseException:
+    def _translate(
+        self, group: BaseExceptionGroup[BaseException], *, timeouts: bool = False
+    ) -> BaseException:
         """
         coredis raises connection failures from its task groups, in groups.
 
         A group of client errors (maybe beside a cancellation, which the
         cancelled scope raises again at the next checkpoint) becomes
-        :class:`BackendUnavailableError`; anything else is re-raised as it is.
+        :class:`BackendUnavailableError` (with ``timeouts``, a group of timeouts
+        only becomes :class:`TimeoutError`); anything else is re-raised as it is.
         """
         matched, rest = group.split(self._errors)
         if matched is None:
             return group
         if rest is not None and rest.split(anyio.get_cancelled_exc_class())[1] is not None:
             return group
+        if timeouts and matched.split(self._timeouts)[1] is None:
+            return _timed_out(matched, self._hide)
         return _unavailable(matched, self._hide)
 
     async def aclose(self) -> None:

@@ -7,7 +7,8 @@ scripts, so each step is atomic on the server and costs one round trip.
 Key layout (``P`` is ``{namespace}``: one hash tag, so one Redis Cluster slot)::
 
     P:meta    hash   epoch (random id written at start-up), settle (ms; no grant
-                     before it), mapv (digest of the last map applied)
+                     before it), mapv (digest of the last map applied), due (ms;
+                     no lease expiry, cooldown end or tombstone end is earlier)
     P:max     hash   channel -> max_jobs, for every known channel (draining too)
     P:inf     hash   channel -> in_flight
     P:drain   set    channels absent from the last map that still have leases
@@ -35,7 +36,23 @@ Time is the server's (``TIME``), so expiries and cooldowns mean the same thing
 to every process whatever their clocks. Work that time makes due (ending
 cooldowns, reclaiming expired leases, dropping old tombstones) is done lazily
 by whichever script runs next, at most ``LIMIT`` items of each per call, so no
-call walks the whole namespace.
+call walks the whole namespace. ``P:meta.due`` (read with the epoch, in the
+same ``HMGET``) says when the next such item is due: every script that adds
+one lowers it if needed, and ``ACQUIRE`` / ``RELEASE`` do the upkeep only once
+it has passed (``SYNC`` always does it, and recomputes ``due``), so the usual
+acquire or release pays one field read for it instead of three range scans.
+
+Each hot script is a handful of commands (the cost of a script is mostly its
+``redis.call`` commands): ``ACQUIRE`` trusts the free-slot index (``P:free`` /
+``P:tok``, kept exact by every script) for draining and cooling, and checks the
+count itself after its ``HINCRBY`` (a stale entry is undone and repaired);
+``RELEASE`` skips the "released" tombstone when the owner releases with none of
+its renewals in flight (nobody can ask about that lease again but by id, and
+an unknown id answers "unknown" either way).
+
+Redis Cluster: a script declares one key, ``P:meta``, and derives the others'
+names from it. Declared keys only route the call to a slot; every key of the
+namespace shares the ``{namespace}`` hash tag, hence that slot and node.
 
 Every script starts by comparing the epoch it was given with ``P:meta.epoch``
 and answers ``{-1, <epoch>}`` when they differ: the data this process wrote
@@ -46,13 +63,13 @@ retrying.
 Common ``ARGV`` of every script:
 
     ARGV[1]  the epoch the caller knows ("" before the first sync)
-    ARGV[2]  ms a "released" tombstone is kept
-    ARGV[3]  ms a "lost" tombstone is kept
-    ARGV[4]  the pub/sub channel for wake-ups
+    ARGV[2]  the caller's lease ttl (ms): a "released" tombstone is kept
+             2 x ttl + 10 s (it must outlive the holder's next renewal), a
+             "lost" one 10 x ttl, at least 10 min (it answers late releases)
 
 Wake-ups: a script that makes a slot available where none was (a release or a
 reclaimed lease on a full channel, a cooldown ending, a map change) publishes
-``"1"`` on ARGV[4]; one that creates a new epoch publishes ``"e"``. A release
+``"1"`` on ``P:wake``; one that creates a new epoch publishes ``"e"``. A release
 on a channel that already had a free slot publishes nothing: nobody can be
 waiting for it.
 """
@@ -64,7 +81,7 @@ from dataclasses import dataclass
 
 __all__ = ["ACQUIRE", "KEY_NAMES", "RELEASE", "SYNC", "TRIVIAL", "Script", "keys_for"]
 
-#: The names of the keys, in ``KEYS`` order.
+#: The names of the keys; scripts declare only the first (``KEYS[1]``, ``P:meta``).
 KEY_NAMES = (
     "meta", "max", "inf", "drain", "free", "tok", "cool",
     "fail", "leases", "lch", "tomb", "tombx",
@@ -72,7 +89,7 @@ KEY_NAMES = (
 
 
 def keys_for(namespace: str) -> list[str]:
-    """Every key of ``namespace``, in ``KEYS`` order, under the one hash tag."""
+    """Every key of ``namespace``, under the one hash tag (``P:meta`` first)."""
     return [f"{{{namespace}}}:{name}" for name in KEY_NAMES]
 
 
@@ -90,169 +107,233 @@ class Script:
 
 
 _PRELUDE = r"""
-pcall(redis.replicate_commands)  -- Redis < 7: replicate effects (TIME, SRANDMEMBER)
-local META, MAX, INF, DRAIN, FREE, TOK, COOL, FAIL, LEASES, LCH, TOMB, TOMBX =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6],
-  KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
+pcall(redis.replicate_commands)  -- Redis < 5: replicate effects (TIME, SRANDMEMBER)
+-- Only P:meta is declared (it routes the call to the namespace's Redis Cluster
+-- slot); the other keys share its hash tag, hence its slot, and are named here.
+local META = KEYS[1]
+local P = string.sub(META, 1, -5)  -- "{namespace}:"
+local MAX, INF, FREE, TOK, LEASES, LCH = P .. 'max', P .. 'inf', P .. 'free', P .. 'tok',
+  P .. 'leases', P .. 'lch'
 local SEP = '\0'
-local LIMIT = 16
-local TOMB_R, TOMB_L, WAKE = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local WAKE = P .. 'wake'  -- the pub/sub channel
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local wake = false
+local due = 0  -- P:meta.due as this script knows it
 
 local function num(v)
   if v then return tonumber(v) end
   return 0
 end
 
-local function draining(ch) return redis.call('SISMEMBER', DRAIN, ch) == 1 end
-local function cooling(ch) return redis.call('ZSCORE', COOL, ch) ~= false end
-
--- Bring ch's entries in FREE and TOK in line with its state; tokens up to slot
--- hi are cleared (pass the old max_jobs when it was lowered). O(max_jobs).
-local function reindex(ch, hi)
-  local max = num(redis.call('HGET', MAX, ch))
-  local inf = num(redis.call('HGET', INF, ch))
-  local active = max > 0 and not draining(ch) and not cooling(ch)
-  if active and inf < max then
-    redis.call('SADD', FREE, ch)
-  else
-    redis.call('SREM', FREE, ch)
+-- Something becomes due at t (a lease expiry, a cooldown end, a tombstone's
+-- end): keep P:meta.due a lower bound of all of them.
+local function soon(t)
+  if t < due then
+    due = t
+    redis.call('HSET', META, 'due', t)
   end
-  if max > hi then hi = max end
-  for k = 1, hi do
-    if active and k > inf and k <= max then
-      redis.call('SADD', TOK, ch .. SEP .. k)
-    else
-      redis.call('SREM', TOK, ch .. SEP .. k)
-    end
-  end
-  return active and inf < max
-end
-
-local function remove_channel(ch)
-  local max = num(redis.call('HGET', MAX, ch))
-  for k = 1, max do redis.call('SREM', TOK, ch .. SEP .. k) end
-  redis.call('HDEL', MAX, ch)
-  redis.call('HDEL', INF, ch)
-  redis.call('HDEL', FAIL, ch)
-  redis.call('SREM', DRAIN, ch)
-  redis.call('SREM', FREE, ch)
-  redis.call('ZREM', COOL, ch)
-end
-
-local function tombstone(id, kind)
-  redis.call('HSET', TOMB, id, kind)
-  redis.call('ZADD', TOMBX, now + (kind == 'l' and TOMB_L or TOMB_R), id)
-end
-
--- One slot of ch comes back. Returns in_flight, removed.
-local function give_back(ch)
-  local inf = num(redis.call('HGET', INF, ch))
-  if inf <= 0 then return 0, false end  -- never negative
-  inf = redis.call('HINCRBY', INF, ch, -1)
-  if draining(ch) then
-    if inf <= 0 then
-      remove_channel(ch)
-      return 0, true
-    end
-    return inf, false
-  end
-  if not cooling(ch) then
-    local max = num(redis.call('HGET', MAX, ch))
-    if inf < max then
-      redis.call('SADD', FREE, ch)
-      redis.call('SADD', TOK, ch .. SEP .. (inf + 1))
-      -- Only a channel that was full can have waiters (a channel with a free
-      -- slot serves any taker at once): wake them when its first slot frees.
-      if inf + 1 >= max then wake = true end
-    end
-  end
-  return inf, false
-end
-
-local function reclaim(id)
-  local ch = redis.call('HGET', LCH, id)
-  redis.call('ZREM', LEASES, id)
-  redis.call('HDEL', LCH, id)
-  tombstone(id, 'l')
-  if ch then give_back(ch) end
-end
-
--- Lazy, bounded upkeep: end due cooldowns, reclaim expired leases, drop old tombstones.
-local function housekeeping()
-  for _, ch in ipairs(redis.call('ZRANGEBYSCORE', COOL, '-inf', now, 'LIMIT', 0, LIMIT)) do
-    redis.call('ZREM', COOL, ch)
-    if reindex(ch, 0) then wake = true end
-  end
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0, LIMIT)) do
-    reclaim(id)
-  end
-  local old = redis.call('ZRANGEBYSCORE', TOMBX, '-inf', now, 'LIMIT', 0, LIMIT)
-  if #old > 0 then
-    redis.call('HDEL', TOMB, unpack(old))
-    redis.call('ZREM', TOMBX, unpack(old))
-  end
-end
-
--- Start or extend a cooldown. Returns whether the channel was not cooling.
-local function cool(ch, ms)
-  redis.call('HSET', FAIL, ch, 0)
-  local cur = redis.call('ZSCORE', COOL, ch)
-  if cur and tonumber(cur) >= now + ms then return false end
-  redis.call('ZADD', COOL, now + ms, ch)
-  if not cur then reindex(ch, 0) end
-  return not cur
-end
-
--- A channel's figures: max_jobs, in_flight, state (0 active, 1 draining, 2 cooling), cooling ends.
-local function figures(ch)
-  local max = redis.call('HGET', MAX, ch)
-  if not max then return {-1, 0, 0, 0} end
-  local inf = num(redis.call('HGET', INF, ch))
-  local till = redis.call('ZSCORE', COOL, ch)
-  local state = 0
-  if draining(ch) then state = 1 elseif till then state = 2 end
-  return {tonumber(max), inf, state, num(till)}
 end
 
 local function finish(reply)
   if wake then redis.call('PUBLISH', WAKE, '1') end
   return reply
 end
-"""
 
-_CHECK_EPOCH = r"""
-local epoch = redis.call('HGET', META, 'epoch')
-if epoch ~= ARGV[1] then return {-1, epoch or ''} end
+local give_back, slow  -- defined below
+
+-- One slot of ch comes back. Returns in_flight, removed, and ch's figures
+-- afterwards (see figures(); max_jobs -1 once removed).
+give_back = function(ch)
+  local inf = redis.call('HINCRBY', INF, ch, -1)
+  if inf < 0 then  -- it counted no lease: never negative
+    if redis.call('HINCRBY', INF, ch, 1) == 0 and not redis.call('HGET', MAX, ch) then
+      redis.call('HDEL', INF, ch)
+    end
+    return 0, false, slow().figures(ch)
+  end
+  local max = num(redis.call('HGET', MAX, ch))
+  if inf + 1 < max and redis.call('SISMEMBER', FREE, ch) == 1 then
+    -- It had a free slot and is in FREE: active (not draining, not cooling).
+    redis.call('SADD', TOK, ch .. SEP .. (inf + 1))
+    return inf, false, {max, inf, 0, 0}
+  end
+  if redis.call('SISMEMBER', P .. 'drain', ch) == 1 then
+    if inf <= 0 then
+      slow().remove_channel(ch)
+      return 0, true, {-1, 0, 0, 0}
+    end
+    return inf, false, {max, inf, 1, 0}
+  end
+  local till = redis.call('ZSCORE', P .. 'cool', ch)
+  if till then return inf, false, {max, inf, 2, tonumber(till)} end
+  if inf < max then
+    redis.call('SADD', TOK, ch .. SEP .. (inf + 1))
+    -- Only a channel that was full can have waiters (a channel with a free
+    -- slot serves any taker at once, and is in FREE already): wake them when
+    -- its first slot frees.
+    if inf + 1 >= max then
+      redis.call('SADD', FREE, ch)
+      wake = true
+    end
+  end
+  return inf, false, {max, inf, 0, 0}
+end
+
+-- NOTE: a script's cost is mostly fixed work, and creating a function is
+-- some of it: the helpers off the usual path are created on first use.
+local H = false
+slow = function()
+  if H then return H end
+  H = {}
+  local DRAIN, COOL, FAIL = P .. 'drain', P .. 'cool', P .. 'fail'
+  local TOMB, TOMBX = P .. 'tomb', P .. 'tombx'
+  local LIMIT = 16
+  local NEVER = 1e15  -- ms: "nothing is due"
+  local TTL = tonumber(ARGV[2])
+  local TOMB_R, TOMB_L = 2 * TTL + 10000, math.max(10 * TTL, 600000)
+
+  local function draining(ch) return redis.call('SISMEMBER', DRAIN, ch) == 1 end
+  local function cooling(ch) return redis.call('ZSCORE', COOL, ch) ~= false end
+  H.draining = draining
+
+  -- Bring ch's entries in FREE and TOK in line with its state; tokens up to slot
+  -- hi are cleared (pass the old max_jobs when it was lowered). O(max_jobs).
+  local function reindex(ch, hi)
+    local max = num(redis.call('HGET', MAX, ch))
+    local inf = num(redis.call('HGET', INF, ch))
+    local active = max > 0 and not draining(ch) and not cooling(ch)
+    if active and inf < max then
+      redis.call('SADD', FREE, ch)
+    else
+      redis.call('SREM', FREE, ch)
+    end
+    if max > hi then hi = max end
+    for k = 1, hi do
+      if active and k > inf and k <= max then
+        redis.call('SADD', TOK, ch .. SEP .. k)
+      else
+        redis.call('SREM', TOK, ch .. SEP .. k)
+      end
+    end
+    return active and inf < max
+  end
+  H.reindex = reindex
+
+  function H.remove_channel(ch)
+    local max = num(redis.call('HGET', MAX, ch))
+    for k = 1, max do redis.call('SREM', TOK, ch .. SEP .. k) end
+    redis.call('HDEL', MAX, ch)
+    redis.call('HDEL', INF, ch)
+    redis.call('HDEL', FAIL, ch)
+    redis.call('SREM', DRAIN, ch)
+    redis.call('SREM', FREE, ch)
+    redis.call('ZREM', COOL, ch)
+  end
+
+  local function tombstone(id, kind)
+    local till = now + (kind == 'l' and TOMB_L or TOMB_R)
+    redis.call('HSET', TOMB, id, kind)
+    redis.call('ZADD', TOMBX, till, id)
+    soon(till)
+  end
+  H.tombstone = tombstone
+
+  -- A channel's figures: max_jobs, in_flight, state (0 active, 1 draining,
+  -- 2 cooling), cooling ends.
+  function H.figures(ch)
+    local max = redis.call('HGET', MAX, ch)
+    if not max then return {-1, 0, 0, 0} end
+    local inf = num(redis.call('HGET', INF, ch))
+    local till = redis.call('ZSCORE', COOL, ch)
+    local state = 0
+    if draining(ch) then state = 1 elseif till then state = 2 end
+    return {tonumber(max), inf, state, num(till)}
+  end
+
+  local function reclaim(id)
+    local ch = redis.call('HGET', LCH, id)
+    redis.call('ZREM', LEASES, id)
+    redis.call('HDEL', LCH, id)
+    tombstone(id, 'l')
+    if ch then give_back(ch) end
+  end
+  H.reclaim = reclaim
+
+  local function first(key)
+    local item = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    if item[2] then return tonumber(item[2]) end
+    return NEVER
+  end
+
+  -- Bounded upkeep: end due cooldowns, reclaim expired leases, drop old
+  -- tombstones (at most LIMIT of each), then record when the next is due.
+  function H.housekeeping()
+    due = 0  -- no soon() writes meanwhile: P:meta.due is rewritten below
+    for _, ch in ipairs(redis.call('ZRANGEBYSCORE', COOL, '-inf', now, 'LIMIT', 0, LIMIT)) do
+      redis.call('ZREM', COOL, ch)
+      if reindex(ch, 0) then wake = true end
+    end
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0, LIMIT)) do
+      reclaim(id)
+    end
+    local old = redis.call('ZRANGEBYSCORE', TOMBX, '-inf', now, 'LIMIT', 0, LIMIT)
+    if #old > 0 then
+      redis.call('HDEL', TOMB, unpack(old))
+      redis.call('ZREM', TOMBX, unpack(old))
+    end
+    due = math.min(first(COOL), first(LEASES), first(TOMBX))
+    redis.call('HSET', META, 'due', due)
+  end
+
+  -- Start or extend a cooldown. Returns whether the channel was not cooling.
+  function H.cool(ch, ms)
+    redis.call('HSET', FAIL, ch, 0)
+    local cur = redis.call('ZSCORE', COOL, ch)
+    if cur and tonumber(cur) >= now + ms then return false end
+    redis.call('ZADD', COOL, now + ms, ch)
+    soon(now + ms)
+    if not cur then reindex(ch, 0) end
+    return not cur
+  end
+  return H
+end
+
+-- Housekeeping only when something is due by P:meta.due (read by the caller;
+-- missing after a data loss: due at once).
+local function upkeep(known_due)
+  due = num(known_due)
+  if due <= now then slow().housekeeping() end
+end
 """
 
 _RELEASE_ONE = r"""
--- Release lease id with outcome. Returns status (0 unknown, 1 released, 2 lost),
--- channel, in_flight, cooled, removed.
-local function release_one(id, outcome, cooldown, failures_to_cool)
+-- Release lease id with outcome; leave a "released" tombstone if mark. Returns
+-- status (0 unknown, 1 released, 2 lost), channel, cooled, removed, and the
+-- channel's figures afterwards (nil unless released).
+local function release_one(id, outcome, cooldown, failures_to_cool, mark)
   local ch = redis.call('HGET', LCH, id)
   if not ch then
-    if redis.call('HGET', TOMB, id) == 'l' then return 2, false, 0, false, false end
-    return 0, false, 0, false, false
+    if redis.call('HGET', P .. 'tomb', id) == 'l' then return 2, false, false, false, nil end
+    return 0, false, false, false, nil
   end
   redis.call('ZREM', LEASES, id)
   redis.call('HDEL', LCH, id)
-  -- NOTE: always leave a tombstone: the owner's renewal may be in flight, and
-  -- it must learn "released", not re-assert the lease as lost data.
-  tombstone(id, 'r')
+  -- NOTE: the tombstone tells an in-flight renewal by the owner "released",
+  -- so that it does not re-assert the lease as lost data. Only the owner,
+  -- releasing while none of its renewals is in flight, may skip it.
+  if mark then slow().tombstone(id, 'r') end
   local cooled = false
   if outcome == 'ok' then
-    redis.call('HSET', FAIL, ch, 0)
+    redis.call('HSET', P .. 'fail', ch, 0)
   elseif outcome ~= 'abandoned' then
-    local failures = redis.call('HINCRBY', FAIL, ch, 1)
+    local failures = redis.call('HINCRBY', P .. 'fail', ch, 1)
     if outcome == 'throttled' or failures >= failures_to_cool then
-      cooled = cool(ch, cooldown)
+      cooled = slow().cool(ch, cooldown)
     end
   end
-  local inf, removed = give_back(ch)
-  return 1, ch, inf, cooled, removed
+  local _, removed, f = give_back(ch)
+  return 1, ch, cooled, removed, f
 end
 """
 
@@ -260,39 +341,29 @@ ACQUIRE = Script.of(
     "acquire",
     _PRELUDE
     + r"""
--- KEYS: see keys_for()
--- ARGV[1..4]: common (epoch, tombstone ms x2, wake channel)
--- ARGV[5] lease id; ARGV[6] pinned channel or ""; ARGV[7] selection
---   ("random", "weighted", "p2c"); ARGV[8] lease ttl (ms)
+-- KEYS[1]: P:meta (see keys_for())
+-- ARGV[1..2]: common (epoch, lease ttl ms)
+-- ARGV[3] lease id; ARGV[4] pinned channel or ""; ARGV[5] selection
+--   ("random", "weighted", "p2c"); ARGV[6] lease ttl (ms)
 -- return: {-1, epoch} epoch mismatch
 --         {1, now, channel, max_jobs, in_flight} granted
 --         {0, now, first lease expiry or -1, first cooldown end or -1, settle,
 --            pinned channel's figures (max_jobs -1: unknown)...} nothing free
-"""
-    + _CHECK_EPOCH
-    + r"""
-housekeeping()
-local id, want, selection, ttl = ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8])
-
-local held = redis.call('HGET', LCH, id)
-if held then  -- a retried call whose first attempt was granted
-  local f = figures(held)
-  return finish({1, now, held, f[1], f[2]})
-end
-
-local function grantable(ch)
-  local max = num(redis.call('HGET', MAX, ch))
-  return max > 0 and not draining(ch) and not cooling(ch)
-    and num(redis.call('HGET', INF, ch)) < max
-end
+local meta = redis.call('HMGET', META, 'epoch', 'settle', 'due')
+if meta[1] ~= ARGV[1] then return {-1, meta[1] or ''} end
+upkeep(meta[3])
+local id, want, selection, ttl = ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
+local settle = num(meta[2])
 
 local function load(ch)
   return num(redis.call('HGET', INF, ch)), num(redis.call('HGET', MAX, ch))
 end
 
+-- A channel from the free-slot index (FREE holds exactly the active channels
+-- with a free slot, TOK their free slots).
 local function pick()
   if want ~= '' then
-    if grantable(want) then return want end
+    if redis.call('SISMEMBER', FREE, want) == 1 then return want end
     return false
   end
   if selection == 'weighted' then
@@ -311,33 +382,45 @@ local function pick()
   return redis.call('SRANDMEMBER', FREE) or false
 end
 
-local settle = num(redis.call('HGET', META, 'settle'))
-local ch = false
+local ch, inf, max = false, 0, 0
 if now >= settle then
   for _ = 1, 3 do
     ch = pick()
-    if not ch or grantable(ch) then break end
-    reindex(ch, 0)  -- a stale index entry: repair it and pick again
+    if not ch then break end
+    inf = redis.call('HINCRBY', INF, ch, 1)
+    max = num(redis.call('HGET', MAX, ch))
+    if inf <= max then break end
+    -- A stale index entry (full, or gone): undo, repair it and pick again.
+    if redis.call('HINCRBY', INF, ch, -1) <= 0 and max == 0 then redis.call('HDEL', INF, ch) end
+    slow().reindex(ch, 0)
     ch = false
   end
 end
 
+if ch and redis.call('HSETNX', LCH, id, ch) == 0 then
+  redis.call('HINCRBY', INF, ch, -1)  -- a retried call whose first attempt was granted
+  ch = false
+end
+
 if not ch then
+  local held = redis.call('HGET', LCH, id)
+  if held then  -- a retried call whose first attempt was granted
+    local f = slow().figures(held)
+    return finish({1, now, held, f[1], f[2]})
+  end
   local lease = redis.call('ZRANGE', LEASES, 0, 0, 'WITHSCORES')
-  local cooldown = redis.call('ZRANGE', COOL, 0, 0, 'WITHSCORES')
+  local cooldown = redis.call('ZRANGE', P .. 'cool', 0, 0, 'WITHSCORES')
   local reply = {0, now, tonumber(lease[2] or -1), tonumber(cooldown[2] or -1), settle}
   if want ~= '' then
-    for _, v in ipairs(figures(want)) do table.insert(reply, v) end
+    for _, v in ipairs(slow().figures(want)) do table.insert(reply, v) end
   end
   return finish(reply)
 end
 
-local inf = redis.call('HINCRBY', INF, ch, 1)
-local max = num(redis.call('HGET', MAX, ch))
 redis.call('SREM', TOK, ch .. SEP .. inf)
 if inf >= max then redis.call('SREM', FREE, ch) end
 redis.call('ZADD', LEASES, now + ttl, id)
-redis.call('HSET', LCH, id, ch)
+soon(now + ttl)
 return finish({1, now, ch, max, inf})
 """,
 )
@@ -347,23 +430,22 @@ RELEASE = Script.of(
     _PRELUDE
     + _RELEASE_ONE
     + r"""
--- KEYS: see keys_for()
--- ARGV[1..4]: common (epoch, tombstone ms x2, wake channel)
--- ARGV[5] lease id; ARGV[6] outcome ("ok", "failed", "throttled", "abandoned");
--- ARGV[7] cooldown (ms); ARGV[8] failures that cool a channel
+-- KEYS[1]: P:meta (see keys_for())
+-- ARGV[1..2]: common (epoch, lease ttl ms)
+-- ARGV[3] lease id; ARGV[4] outcome ("ok", "failed", "throttled", "abandoned");
+-- ARGV[5] cooldown (ms); ARGV[6] failures that cool a channel;
+-- ARGV[7] "0": no "released" tombstone (the owner, with no renewal in flight);
+--   anything else or absent: leave one
 -- return: {-1, epoch} epoch mismatch
 --         {status (0 unknown, 1 released, 2 lost), now, channel or "",
 --          cooled (0/1), removed (0/1), channel's figures (4 values)}
-"""
-    + _CHECK_EPOCH
-    + r"""
-housekeeping()
-local status, ch, _, cooled, removed = release_one(
-  ARGV[5], ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8]))
+local meta = redis.call('HMGET', META, 'epoch', 'due')
+if meta[1] ~= ARGV[1] then return {-1, meta[1] or ''} end
+upkeep(meta[2])
+local status, ch, cooled, removed, f = release_one(
+  ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7] ~= '0')
 local reply = {status, now, ch or '', cooled and 1 or 0, removed and 1 or 0}
-local f = {-1, 0, 0, 0}
-if ch and not removed then f = figures(ch) end
-for _, v in ipairs(f) do table.insert(reply, v) end
+for _, v in ipairs(f or {-1, 0, 0, 0}) do table.insert(reply, v) end
 return finish(reply)
 """,
 )
@@ -376,13 +458,13 @@ SYNC = Script.of(
 -- Renew this process's leases, run its pending releases, publish its map and
 -- read every channel's figures; in "adopt" mode also take over (or create)
 -- the epoch and re-assert leases that vanished with lost data.
--- KEYS: see keys_for()
--- ARGV[1..4]: common (epoch, tombstone ms x2, wake channel)
--- ARGV[5] mode: "strict" or "adopt"; ARGV[6] a new epoch id, used if none exists;
--- ARGV[7] grace (ms) with no grants after data loss was detected;
--- ARGV[8] lease ttl (ms); ARGV[9] digest of the map or "" (no map sent);
--- ARGV[10] map pairs n; ARGV[11] leases n; ARGV[12] releases n;
--- ARGV[13] cooldown (ms); ARGV[14] failures that cool a channel;
+-- KEYS[1]: P:meta (see keys_for())
+-- ARGV[1..2]: common (epoch, lease ttl ms)
+-- ARGV[3] mode: "strict" or "adopt"; ARGV[4] a new epoch id, used if none exists;
+-- ARGV[5] grace (ms) with no grants after data loss was detected;
+-- ARGV[6] lease ttl (ms); ARGV[7] digest of the map or "" (no map sent);
+-- ARGV[8] map pairs n; ARGV[9] leases n; ARGV[10] releases n;
+-- ARGV[11] cooldown (ms); ARGV[12] failures that cool a channel;
 -- then n x (channel, max_jobs), n x (lease id, channel, max_jobs hint,
 -- "1" if the holder knows it has not expired), n x (lease id, outcome).
 -- return: {-1, epoch} epoch mismatch (strict mode)
@@ -391,23 +473,27 @@ SYNC = Script.of(
 --          HGETALL max, HGETALL inf, SMEMBERS drain, ZRANGE cool WITHSCORES}
 local epoch = redis.call('HGET', META, 'epoch')
 if epoch ~= ARGV[1] then
-  if ARGV[5] ~= 'adopt' then return {-1, epoch or ''} end
+  if ARGV[3] ~= 'adopt' then return {-1, epoch or ''} end
   if not epoch then
-    epoch = ARGV[6]
+    epoch = ARGV[4]
     redis.call('HSET', META, 'epoch', epoch)
     redis.call('HDEL', META, 'mapv')
     if ARGV[1] ~= '' then  -- we knew an epoch: this is data loss, not a fresh namespace
-      redis.call('HSET', META, 'settle', now + tonumber(ARGV[7]))
+      redis.call('HSET', META, 'settle', now + tonumber(ARGV[5]))
     end
     redis.call('PUBLISH', WAKE, 'e')
   end
 end
-housekeeping()
+local h = slow()
+local reindex, remove_channel, reclaim, draining = h.reindex, h.remove_channel, h.reclaim,
+  h.draining
+local DRAIN, COOL, TOMB = P .. 'drain', P .. 'cool', P .. 'tomb'
+h.housekeeping()  -- always (bounded): a sync also repairs P:meta.due
 
-local ttl, digest = tonumber(ARGV[8]), ARGV[9]
-local n_map, n_leases, n_releases = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
-local cooldown, failures_to_cool = tonumber(ARGV[13]), tonumber(ARGV[14])
-local at = 15
+local ttl, digest = tonumber(ARGV[6]), ARGV[7]
+local n_map, n_leases, n_releases = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local cooldown, failures_to_cool = tonumber(ARGV[11]), tonumber(ARGV[12])
+local at = 13
 
 if digest ~= '' and digest ~= redis.call('HGET', META, 'mapv') then
   local wanted = {}
@@ -464,6 +550,7 @@ for i = 0, n_leases - 1 do
       end
       redis.call('HINCRBY', INF, ch, 1)
       redis.call('ZADD', LEASES, now + ttl, id)
+      soon(now + ttl)
       redis.call('HSET', LCH, id, ch)
       reindex(ch, 0)
       status = 'a'
@@ -476,7 +563,7 @@ end
 at = at + 4 * n_leases
 
 for i = 0, n_releases - 1 do
-  release_one(ARGV[at + 2 * i], ARGV[at + 2 * i + 1], cooldown, failures_to_cool)
+  release_one(ARGV[at + 2 * i], ARGV[at + 2 * i + 1], cooldown, failures_to_cool, true)
 end
 
 return finish({

@@ -12,10 +12,12 @@ Design notes:
 
 * **Leases expire** on the server's clock: a process killed with SIGKILL stops
   renewing and its slots come back within ``lease_ttl``, reclaimed lazily by
-  whichever script runs next (at most 16 per call, so no call walks the
-  namespace). The balancer calls :meth:`RedisBackend.renew` about every
-  ``lease_ttl / 3``; one ``SYNC`` extends every live lease, never re-creates a
-  released one (released leases leave a tombstone), and reports the lost ones.
+  whichever script runs next once one is due (``P:meta.due``; at most 16 per
+  call, so no call walks the namespace). The balancer calls
+  :meth:`RedisBackend.renew` about every ``lease_ttl / 3``; one ``SYNC``
+  extends every live lease, never re-creates a released one (a release leaves
+  a tombstone whenever a renewal could still carry the lease), and reports the
+  lost ones.
 * **Data loss** (Redis restarted without persistence, a failover that missed
   writes): scripts check an epoch id written at start-up. On a mismatch the
   backend adopts (or creates) the new epoch, re-publishes its map and
@@ -44,8 +46,9 @@ Open questions:
 * XX a process that *opens* first after a data loss creates the new epoch
   without the grace period (it cannot tell a lost namespace from a new one);
   it may grant slots that the others re-assert a moment later.
-* XX Redis Cluster: all keys share one hash tag and scripts declare them, but
-  only a single server is tested.
+* XX Redis Cluster: all keys share one hash tag; scripts declare one of them
+  (``P:meta``, which routes the call to that slot) and name the others, which
+  live in the same slot. Only a single server is tested.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ from ..accounts import Secret
 from ..errors import BackendUnavailableError
 from . import _redis_scripts as scripts
 from ._redis_client import (
+    Arg,
     ScriptClient,
     connect,
     current_library,
@@ -189,7 +193,9 @@ class RedisBackend:
         self._timeout = timeout
         self._connect_timeout = connect_timeout
         self._grace = recovery_grace
-        self._keys = scripts.keys_for(namespace)
+        # NOTE: scripts declare P:meta only and derive the other keys from it
+        # (one hash tag: one Redis Cluster slot); see _redis_scripts.
+        self._keys = scripts.keys_for(namespace)[:1]
         self._wake_channel = f"{{{namespace}}}:wake"
         self._client: ScriptClient | None = None
         self._config: BackendConfig | None = None
@@ -218,6 +224,13 @@ class RedisBackend:
         self._settle_until = 0.0
         self._resync_lock = anyio.Lock()
         self._check = anyio.Event()
+        self._syncing = 0  # syncs in flight
+        self._sync_doubt_until = 0.0  # a failed sync may still run on the server until then
+        # Script arguments fixed for a given epoch and config, pre-encoded.
+        self._common_for: tuple[str, float] | None = None
+        self._common_args: list[Arg] = []
+        self._acquire_fixed: tuple[bytes, bytes] = (b"", b"")
+        self._release_fixed: tuple[bytes, bytes] = (b"", b"")
 
     def __repr__(self) -> str:
         return f"RedisBackend({self._shown!r}, namespace={self.namespace!r})"
@@ -240,6 +253,8 @@ class RedisBackend:
             task_group=task_group,
         )
         self._client, self._config, self._notify = client, config, notify
+        self._acquire_fixed = (config.selection.encode(), _encoded_ms(self._ttl))
+        self._release_fixed = (_encoded_ms(config.cooldown), b"%d" % config.failures_to_cool)
         try:
             await self._sync(adopt=True)
             await task_group.start(self._listen)
@@ -269,13 +284,12 @@ class RedisBackend:
         await self._sync(send_map=True)
 
     async def try_acquire(self, lease_id: str, channel: str | None) -> str | None:
-        config = self._require()
+        self._require()
         ttl = self._ttl
+        selection, ttl_ms = self._acquire_fixed
         sent = time.monotonic()
         try:
-            reply = await self._run(
-                scripts.ACQUIRE, [lease_id, channel or "", config.selection, _ms(ttl)]
-            )
+            reply = await self._run(scripts.ACQUIRE, [lease_id, channel or "", selection, ttl_ms])
         except BaseException:
             # NOTE: the grant may have happened before the failure or the
             # cancellation; the next sync gives the slot back.
@@ -301,7 +315,13 @@ class RedisBackend:
         self._pending.pop(lease_id, None)
         self._orphans.pop(lease_id, None)
         sent = time.monotonic()
-        args: list[str | int] = [lease_id, outcome, _ms(config.cooldown), config.failures_to_cool]
+        # NOTE: a "released" tombstone answers a renewal of ours that may carry
+        # this lease (in flight, or failed and maybe still to run on the
+        # server), and the owner's renewals when we release it by id. With
+        # none of those, nobody can ask: skip it (two commands fewer).
+        mark = held is None or self._syncing > 0 or sent < self._sync_doubt_until
+        cooldown_ms, failures = self._release_fixed
+        args: list[Arg] = [lease_id, outcome, cooldown_ms, failures, b"1" if mark else b"0"]
         try:
             reply = await self._run(scripts.RELEASE, args)
         except BaseException:
@@ -370,20 +390,28 @@ class RedisBackend:
             raise RuntimeError("RedisBackend used before open() or after close()")
         return self._config
 
-    def _common(self, epoch: str) -> list[str | int]:
+    def _common(self, epoch: str) -> list[Arg]:
+        """Every script's first arguments (pre-encoded once per epoch and ``lease_ttl``)."""
         ttl = self._ttl
-        # A "released" tombstone must outlive the holder's next renewal (at
-        # most lease_ttl later); a "lost" one answers late releases for longer.
-        return [epoch, _ms(2 * ttl + 10), _ms(max(10 * ttl, 600)), self._wake_channel]
+        if self._common_for != (epoch, ttl):
+            # NOTE: the scripts derive how long tombstones are kept from the ttl.
+            self._common_args = [epoch.encode(), _encoded_ms(ttl)]
+            self._common_for = (epoch, ttl)
+        return self._common_args
 
-    async def _eval(self, script: scripts.Script, args: list[str | int]) -> list[Any]:
+    async def _eval(self, script: scripts.Script, args: list[Arg]) -> list[Any]:
         """One round trip, bounded by ``timeout``; logs availability transitions."""
         client = self._client
         if client is None:
             raise RuntimeError("RedisBackend used before open() or after close()")
         try:
-            with anyio.fail_after(self._timeout):
+            if client.bounded:
+                # NOTE: the client's own timeouts bound the call (a cancel
+                # scope per round trip costs as much as a small script).
                 reply = await client.run(script, self._keys, args)
+            else:
+                with anyio.fail_after(self._timeout):
+                    reply = await client.run(script, self._keys, args)
         except TimeoutError as exc:
             error = BackendUnavailableError(f"Redis did not answer within {self._timeout:g}s")
             self._down(error)
@@ -406,7 +434,7 @@ class RedisBackend:
                 error=describe(exc),
             )
 
-    async def _run(self, script: scripts.Script, args: list[str | int]) -> list[Any]:
+    async def _run(self, script: scripts.Script, args: list[Arg]) -> list[Any]:
         """Run ``script``; after an epoch change, resynchronise and retry."""
         for _ in range(_EPOCH_RETRIES):
             epoch = self._epoch
@@ -427,7 +455,18 @@ class RedisBackend:
         ttl = self._ttl
         args, leases, releases = self._sync_args(adopt, send_map, sent)
         epoch = self._epoch
-        reply = await self._eval(scripts.SYNC, [*self._common(epoch), *args])
+        self._syncing += 1
+        try:
+            reply = await self._eval(scripts.SYNC, [*self._common(epoch), *args])
+        except BaseException:
+            # NOTE: it may still run on the server (a timeout, a cancellation):
+            # releases leave tombstones for it meanwhile.
+            self._sync_doubt_until = max(
+                self._sync_doubt_until, time.monotonic() + max(ttl, self._timeout)
+            )
+            raise
+        finally:
+            self._syncing -= 1
         if reply[0] == -1:
             if adopt:  # pragma: no cover - adopt mode never answers -1
                 raise BackendUnavailableError("Redis refused to adopt an epoch")
@@ -453,7 +492,7 @@ class RedisBackend:
 
     def _sync_args(
         self, adopt: bool, send_map: bool, now: float
-    ) -> tuple[list[str | int], list[tuple[str, _Held]], list[tuple[str, ReleaseOutcome]]]:
+    ) -> tuple[list[Arg], list[tuple[str, _Held]], list[tuple[str, ReleaseOutcome]]]:
         """``SYNC``'s own arguments, the leases it renews and the releases it runs."""
         config = self._require()
         for table in (self._pending, self._orphans):
@@ -463,7 +502,7 @@ class RedisBackend:
         releases: list[tuple[str, ReleaseOutcome]] = [(k, v[0]) for k, v in self._pending.items()]
         releases += [(k, "abandoned") for k in self._orphans]
         limits = self._map if (send_map and self._map is not None) else {}
-        args: list[str | int] = [
+        args: list[Arg] = [
             "adopt" if adopt else "strict",
             uuid.uuid4().hex,
             _ms(self._grace),
@@ -479,7 +518,13 @@ class RedisBackend:
             args += [channel, max_jobs]
         for lease_id, held in leases:
             hint = self._channels[held.channel].max_jobs if held.channel in self._channels else 1
-            args += [lease_id, held.channel, hint, "1" if held.deadline > now else "0"]
+            # NOTE: after a data loss (adopt), every lease we still hold is
+            # re-asserted, even one past its deadline by our clock: the new
+            # epoch cannot have handed its slot to anyone, and its job may
+            # still be running on Discord. Counting it twice is safe; dropping
+            # it would let the fleet over-dispatch the channel.
+            alive = adopt or held.deadline > now
+            args += [lease_id, held.channel, hint, "1" if alive else "0"]
         for lease_id, outcome in releases:
             args += [lease_id, outcome]
         return args, leases, releases
@@ -635,6 +680,10 @@ def _noop() -> None:
 
 def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
+
+
+def _encoded_ms(seconds: float) -> bytes:
+    return b"%d" % _ms(seconds)
 
 
 def _text(value: Any) -> str:
