@@ -145,7 +145,11 @@ def parse_account_map(payload: object, *, schema: str = "v1") -> ParsedAccounts:
     if schema not in ("v1", "v2"):
         raise ValueError("schema must be 'v1' or 'v2'")
     if not isinstance(payload, Mapping):
-        raise AccountMapError(f"account map must be a JSON object, not {_json_type_name(payload)}")
+        message = f"account map must be a JSON object, not {_json_type_name(payload)}"
+        # NOTE: the payload may be a list of tokens; it must not stay in this
+        # frame's locals, which error trackers capture with the traceback.
+        del payload
+        raise AccountMapError(message)
     parse_entry = _parse_v1 if schema == "v1" else _parse_v2
     fast = schema == "v1"
     accounts: dict[str, Account] = {}

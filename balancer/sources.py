@@ -22,6 +22,7 @@ from collections.abc import Generator, Mapping
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
+import anyio
 import anyio.lowlevel
 import httpx
 
@@ -138,9 +139,13 @@ class UseapiAccountSource:
     ) -> None:
         if not isinstance(token, str):
             raise TypeError(f"token must be a str, not {type(token).__name__}")
-        if not token:
+        # NOTE: wrapped before anything else can raise, so no frame of ours
+        # holds the raw token as a local (error trackers capture locals).
+        secret = Secret(token)
+        del token
+        if not secret:
             raise ValueError("token must not be empty")
-        if not all("!" <= char <= "~" for char in token):
+        if not all("!" <= char <= "~" for char in secret.reveal()):
             # Header-encoding errors would quote the value; refuse it up front.
             raise ValueError("token must be printable ASCII without spaces")
         if schema not in _PATHS:
@@ -156,7 +161,7 @@ class UseapiAccountSource:
         self._schema: Schema = "v1" if schema == "v1" else "v2"
         self._url = url.copy_with(path=url.path.rstrip("/") + _PATHS[schema])
         self._timeout = float(timeout)
-        self._token = Secret(token)
+        self._token = secret
         self._auth = _OriginBoundBearer(self._token, _origin(url))
         self._client = client
         self._owns_client = client is None
@@ -177,10 +182,9 @@ class UseapiAccountSource:
         return self._timeout
 
     def __repr__(self) -> str:
-        return (
-            f"UseapiAccountSource(base_url={self._base_url!r}, schema={self._schema!r}, "
-            f"token={self._token!r})"
-        )
+        base_url = getattr(self, "_base_url", None)
+        schema = getattr(self, "_schema", None)
+        return f"UseapiAccountSource(base_url={base_url!r}, schema={schema!r}, token=Secret('********'))"
 
     def _get_client(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -202,15 +206,24 @@ class UseapiAccountSource:
         """
         client = self._get_client()
         try:
-            response = await client.get(
-                self._url,
-                auth=self._auth,
-                follow_redirects=False,
-                timeout=self._timeout,
-                headers={"Accept": "application/json"},
-            )
-        except httpx.TimeoutException as exc:
+            # httpx's timeout bounds each socket operation, not the request: an
+            # upstream trickling a byte at a time would never time out.
+            with anyio.fail_after(self._timeout):
+                response = await client.get(
+                    self._url,
+                    auth=self._auth,
+                    follow_redirects=False,
+                    timeout=self._timeout,
+                    headers={"Accept": "application/json"},
+                )
+        except (httpx.TimeoutException, TimeoutError) as exc:
             raise SourceError(f"useapi request timed out ({type(exc).__name__})") from exc
+        except httpx.InvalidURL as exc:
+            # A 3xx whose Location httpx cannot parse: it builds the next
+            # request even when it will not follow it.
+            raise SourceError(
+                f"useapi answered an unusable redirect ({type(exc).__name__})"
+            ) from exc
         except httpx.HTTPError as exc:
             raise SourceError(f"useapi request failed ({type(exc).__name__})") from exc
         return self._parse(response)
@@ -337,6 +350,6 @@ class StaticAccountSource:
         return ParsedAccounts(dict(self._accounts), list(self._rejected))
 
     def __repr__(self) -> str:
-        return (
-            f"StaticAccountSource(channels={len(self._accounts)}, rejected={len(self._rejected)})"
-        )
+        accounts = getattr(self, "_accounts", {})
+        rejected = getattr(self, "_rejected", [])
+        return f"StaticAccountSource(channels={len(accounts)}, rejected={len(rejected)})"

@@ -191,7 +191,8 @@ class SyncBalancer:
         self._state = "new"  # -> "open" -> "closing" -> "closed"
 
     def __repr__(self) -> str:
-        return f"<SyncBalancer {self._state} {self._balancer!r}>"
+        state = getattr(self, "_state", "new")
+        return f"<SyncBalancer {state} {getattr(self, '_balancer', None)!r}>"
 
     # -- lifecycle -----------------------------------------------------------
 

@@ -17,9 +17,9 @@ Fuzzing of the two places untrusted bytes enter: ``parse_account_map`` and the H
   / ``SourceError`` / ``AccountMapError``, within a bound (``anyio.fail_after``
   over a small source timeout), with no credential in any message.
 
-``TestKnownBugs`` pins, as strict xfails, what the fuzzing found that is not
-fixed yet (an unparsable redirect ``Location`` escapes as ``httpx.InvalidURL``;
-a trickling upstream is not cut at ``timeout``); remove a marker with its fix.
+``TestRegressions`` keeps fixed what the fuzzing found (an unparsable redirect
+``Location`` escaped as ``httpx.InvalidURL``; a trickling upstream was not cut
+at ``timeout``).
 
 The example budget is fixed and derandomized, so CI is deterministic. Long mode
 for release checks: ``BALANCER_FUZZ_LONG=1 pytest tests/test_fuzz.py`` multiplies
@@ -336,8 +336,6 @@ async def fetch_with(transport: httpx.AsyncBaseTransport) -> ParsedAccounts | Ba
                 return await source.fetch()
         except EXPECTED as exc:
             return exc
-        except httpx.InvalidURL as exc:  # the known bug below (TestKnownBugs): tolerated here
-            return exc
 
 
 class TestHttpFuzzMock:
@@ -591,18 +589,11 @@ class TestHttpFuzzRawSocket:
         assert_no_secret(texts, [API_TOKEN, DISCORD])
 
 
-class TestKnownBugs:
-    """Each fails today (strict xfail); remove the marker with the fix."""
+class TestRegressions:
+    """Bugs this suite found, each fixed; these keep them fixed."""
 
     @pytest.mark.parametrize("loop", LOOPS)
     @pytest.mark.parametrize("location", ["mailto:ops@example.com", "A:0"])
-    @pytest.mark.xfail(
-        strict=True,
-        raises=AssertionError,
-        reason="httpx builds response.next_request for every 3xx, even with "
-        "follow_redirects=False; an unparsable Location raises httpx.InvalidURL (not an "
-        "httpx.HTTPError), which fetch() lets through (and `balancer accounts` crashes)",
-    )
     def test_a_redirect_to_an_unparsable_location_is_a_source_error(
         self, loop: str, location: str
     ) -> None:
@@ -622,13 +613,6 @@ class TestKnownBugs:
 
     @pytest.mark.parametrize("loop", LOOPS)
     @pytest.mark.filterwarnings(*HTTPX_TRIO_GENERATORS)
-    @pytest.mark.xfail(
-        strict=True,
-        raises=AssertionError,
-        reason="UseapiAccountSource's timeout bounds each socket read, not the request: "
-        "an upstream trickling bytes holds fetch() (and Balancer enter / refresh) for as "
-        "long as it keeps trickling",
-    )
     def test_a_trickling_upstream_is_cut_at_the_timeout(
         self, loop: str, raw_server: RawServer
     ) -> None:

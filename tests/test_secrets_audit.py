@@ -31,8 +31,7 @@ the repr / str / format of every public object, the Prometheus text, and
 every key and value in Redis (``SCAN`` of the whole server, dumped by type)
 for any credential or any 8-character slice of one.
 
-``TestKnownBugs`` pins, as strict xfails, the leaks and faults this audit found
-that are not fixed yet (see each reason); remove a marker with its fix.
+``TestRegressions`` keeps fixed the leaks and faults this audit found.
 """
 
 from __future__ import annotations
@@ -146,19 +145,15 @@ def demo_secrets() -> list[str]:
     return [entry["discord"] for entry in raw.values()]
 
 
-#: Frame locals that hold a credential today: bugs, each pinned by a strict xfail in
-#: TestKnownBugs below, and left out here so that the audit finds anything else.
-KNOWN_LEAKY_LOCALS = {
-    ("balancer.accounts", "parse_account_map", "payload"),
-    ("balancer.sources", "__init__", "token"),
-    ("balancer.backends.redis", "open", "target"),
-}
+#: Frame locals allowed to hold a credential: none (TestRegressions covers the ones
+#: the audit once found).
+KNOWN_LEAKY_LOCALS: set[tuple[str, str, str]] = set()
 
 
 def frame_locals(exc: BaseException) -> str:
     """
     Every local variable of every library frame of the chain, as error trackers
-    (Sentry) capture them; a repr that raises is noted, not fatal (see TestKnownBugs).
+    (Sentry) capture them; a repr that raises is noted, not fatal (see TestRegressions).
     Other frames are left out: this test's hold the tokens, and the Redis clients'
     hold the password they were given, as any client must.
     """
@@ -703,16 +698,9 @@ def _collect(runs: dict[str, subprocess.Popen[bytes]]) -> dict[str, tuple[int, b
     return results
 
 
-class TestKnownBugs:
-    """Each fails today (strict xfail); remove the marker with the fix."""
+class TestRegressions:
+    """Bugs this suite found, each fixed; these keep them fixed."""
 
-    @pytest.mark.xfail(
-        strict=True,
-        raises=AssertionError,
-        reason="frame locals hold credentials where an error tracker (Sentry captures "
-        "locals by default) reads them: parse_account_map's payload, "
-        "UseapiAccountSource.__init__'s token, RedisBackend.open's revealed URL",
-    )
     @pytest.mark.parametrize("case", ["payload", "token", "redis-url"])
     def test_no_library_frame_local_holds_a_credential(self, case: str) -> None:
         exc: BaseException
@@ -744,7 +732,6 @@ class TestKnownBugs:
             link = link.__cause__ or link.__context__
         assert not any(secret in text for secret in OURS for text in texts)
 
-    @pytest.mark.xfail(strict=True, raises=AttributeError, reason="repr of a half-built object")
     @pytest.mark.parametrize(
         "cls", [UseapiAccountSource, StaticAccountSource, RedisBackend, SyncBalancer]
     )

@@ -24,6 +24,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import anyio
 
+from ..accounts import Secret
 from ..errors import BackendUnavailableError
 
 if TYPE_CHECKING:
@@ -143,7 +144,7 @@ class RedisPyClient:
         self._noscript = redis.exceptions.NoScriptError
 
     @classmethod
-    def from_url(cls, url: str, *, timeout: float, connect_timeout: float) -> RedisPyClient:
+    def from_url(cls, url: Secret, *, timeout: float, connect_timeout: float) -> RedisPyClient:
         try:
             import redis.asyncio
             from redis.asyncio.retry import Retry
@@ -152,7 +153,7 @@ class RedisPyClient:
         except ImportError as exc:
             raise ImportError(_INSTALL_HINT) from exc
         client = redis.asyncio.Redis.from_url(
-            url,
+            url.reveal(),
             socket_timeout=timeout,
             socket_connect_timeout=connect_timeout,
             # One immediate retry on a fresh connection after a dropped one
@@ -161,7 +162,7 @@ class RedisPyClient:
             retry=Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)),
             decode_responses=False,
         )
-        return cls(client, owned=True, hide=_password(url))
+        return cls(client, owned=True, hide=_password(url.reveal()))
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         try:
@@ -235,7 +236,7 @@ class CoredisClient:
 
     @classmethod
     async def from_url(
-        cls, url: str, *, timeout: float, connect_timeout: float, task_group: TaskGroup
+        cls, url: Secret, *, timeout: float, connect_timeout: float, task_group: TaskGroup
     ) -> CoredisClient:
         """A client for ``url``, entered by a task of ``task_group`` until :meth:`aclose`."""
         try:
@@ -245,7 +246,7 @@ class CoredisClient:
         except ImportError as exc:
             raise ImportError(_INSTALL_HINT) from exc
         pool = coredis.ConnectionPool.from_url(
-            url,
+            url.reveal(),
             decode_components=True,
             stream_timeout=timeout,
             connect_timeout=connect_timeout,
@@ -258,7 +259,7 @@ class CoredisClient:
             # As with redis-py: one retry after a dropped connection, none on a timeout.
             retry_policy=ConstantRetryPolicy((ConnectionError,), retries=1, delay=0),
         )
-        adapter = cls(client, owned=True, hide=_password(url))
+        adapter = cls(client, owned=True, hide=_password(url.reveal()))
         # NOTE: coredis clients are async context managers whose pool runs a
         # task group; it must be entered and exited by one task, so a task of
         # the balancer's group holds it open.
@@ -373,7 +374,7 @@ def _closing_connection_class(base: type[Any]) -> type[Any]:
 
 
 async def connect(
-    target: str | object,
+    target: Secret | str | object,
     *,
     library: str,
     timeout: float,
@@ -388,6 +389,8 @@ async def connect(
         TypeError: a redis-py client under trio, or an object that is no client.
     """
     if isinstance(target, str):
+        target = Secret(target)
+    if isinstance(target, Secret):
         if library == "asyncio":
             return RedisPyClient.from_url(target, timeout=timeout, connect_timeout=connect_timeout)
         return await CoredisClient.from_url(

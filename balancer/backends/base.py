@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from ..statistics import ChannelState
 
 __all__ = [
+    "MAX_JOBS_CAP",
     "Backend",
     "BackendConfig",
     "ChannelCounts",
@@ -49,6 +50,12 @@ __all__ = [
     "RenewResult",
     "Selection",
 ]
+
+#: The most slots a backend keeps for one channel. useapi documents maxJobs as
+#: 1-10 and the parser accepts larger values as given, but a typo such as 10**9
+#: must not make a backend build a billion-entry index (weighted selection
+#: keeps one token per free slot); a larger maxJobs counts as this many.
+MAX_JOBS_CAP = 1000
 
 Selection = Literal["random", "weighted", "p2c"]
 Outcome = Literal["ok", "failed", "throttled"]

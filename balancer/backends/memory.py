@@ -19,7 +19,14 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from ..selection import FreeIndex, make_index
-from .base import BackendConfig, ChannelCounts, ReleaseOutcome, ReleaseResult, RenewResult
+from .base import (
+    MAX_JOBS_CAP,
+    BackendConfig,
+    ChannelCounts,
+    ReleaseOutcome,
+    ReleaseResult,
+    RenewResult,
+)
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -95,7 +102,8 @@ class MemoryBackend:
         self._notify: Callable[[], None] = _noop
 
     def __repr__(self) -> str:
-        return f"MemoryBackend(channels={len(self._channels)}, leases={len(self._leases)})"
+        channels = len(getattr(self, "_channels", ()))
+        return f"MemoryBackend(channels={channels}, leases={len(getattr(self, '_leases', ()))})"
 
     async def open(
         self, config: BackendConfig, notify: Callable[[], None], task_group: TaskGroup
@@ -116,7 +124,8 @@ class MemoryBackend:
     async def set_map(self, limits: Mapping[str, int]) -> None:
         channels = self._channels
         index = self._index
-        for channel_id, max_jobs in limits.items():
+        for channel_id, limit in limits.items():
+            max_jobs = min(limit, MAX_JOBS_CAP)
             channel = channels.get(channel_id)
             if channel is None:
                 channel = channels[channel_id] = _Channel(channel_id, max_jobs)

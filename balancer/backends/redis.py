@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import time
 import uuid
@@ -81,7 +82,14 @@ from ._redis_client import (
     is_redis_py_client,
     mask_url,
 )
-from .base import BackendConfig, ChannelCounts, ReleaseOutcome, ReleaseResult, RenewResult
+from .base import (
+    MAX_JOBS_CAP,
+    BackendConfig,
+    ChannelCounts,
+    ReleaseOutcome,
+    ReleaseResult,
+    RenewResult,
+)
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup, TaskStatus
@@ -233,7 +241,8 @@ class RedisBackend:
         self._release_fixed: tuple[bytes, bytes] = (b"", b"")
 
     def __repr__(self) -> str:
-        return f"RedisBackend({self._shown!r}, namespace={self.namespace!r})"
+        shown = getattr(self, "_shown", "?")
+        return f"RedisBackend({shown!r}, namespace={getattr(self, 'namespace', None)!r})"
 
     # -- the Backend protocol -------------------------------------------------
 
@@ -243,10 +252,11 @@ class RedisBackend:
         if self._config is not None:
             raise RuntimeError("a RedisBackend serves one balancer at a time")
         library = current_library()
-        target = self._target.reveal() if isinstance(self._target, Secret) else self._target
         self._reset()
+        # NOTE: the URL stays a Secret down to the client's constructor, so no
+        # frame of ours holds its password as a local.
         client = await connect(
-            target,
+            self._target,
             library=library,
             timeout=self._timeout,
             connect_timeout=self._connect_timeout,
@@ -278,8 +288,9 @@ class RedisBackend:
         self._notify = _noop
 
     async def set_map(self, limits: Mapping[str, int]) -> None:
-        self._map = dict(limits)
-        flat = "\n".join(f"{channel}\t{limits[channel]}" for channel in sorted(limits))
+        self._map = {channel: min(max_jobs, MAX_JOBS_CAP) for channel, max_jobs in limits.items()}
+        # JSON, not a hand-made flat form: channel ids may hold any character.
+        flat = json.dumps(sorted(self._map.items()), ensure_ascii=False)
         self._digest = hashlib.sha1(flat.encode()).hexdigest()
         await self._sync(send_map=True)
 
@@ -501,20 +512,25 @@ class RedisBackend:
         leases = list(self._live.items())
         releases: list[tuple[str, ReleaseOutcome]] = [(k, v[0]) for k, v in self._pending.items()]
         releases += [(k, "abandoned") for k in self._orphans]
-        limits = self._map if (send_map and self._map is not None) else {}
+        # NOTE: an empty map is never published. The namespace's map is the
+        # fleet's, last writer wins; a process with no channels (a webhook
+        # handler that only releases by id, a worker that started during a
+        # 404) must not drain every other worker's channels. Its own balancer
+        # grants nothing without accounts anyway.
+        limits = self._map if send_map and self._map else None
         args: list[Arg] = [
             "adopt" if adopt else "strict",
             uuid.uuid4().hex,
             _ms(self._grace),
             _ms(self._ttl),
-            self._digest if limits else "",
-            len(limits),
+            self._digest if limits is not None else "",
+            0 if limits is None else len(limits),
             len(leases),
             len(releases),
             _ms(config.cooldown),
             config.failures_to_cool,
         ]
-        for channel, max_jobs in limits.items():
+        for channel, max_jobs in (limits or {}).items():
             args += [channel, max_jobs]
         for lease_id, held in leases:
             hint = self._channels[held.channel].max_jobs if held.channel in self._channels else 1
