@@ -51,6 +51,33 @@ __all__ = [
 # The server helper lives in the package, where `balancer demo --redis` uses it too.
 
 
+def dump_redis(url: str) -> list[tuple[bytes, str, object]]:
+    """Every key in the server, its type and its whole value (for secret scans)."""
+    import redis
+
+    rows: list[tuple[bytes, str, object]] = []
+    with redis.Redis.from_url(url) as client:
+        for key in client.scan_iter(count=1000):
+            kind = client.type(key).decode()
+            value: object
+            if kind == "string":
+                value = client.get(key)
+            elif kind == "hash":
+                value = client.hgetall(key)
+            elif kind == "set":
+                value = client.smembers(key)
+            elif kind == "zset":
+                value = client.zrange(key, 0, -1, withscores=True)
+            elif kind == "list":
+                value = client.lrange(key, 0, -1)
+            elif kind == "stream":
+                value = client.xrange(key)
+            else:
+                value = client.dump(key)
+            rows.append((key, kind, value))
+    return rows
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """One redis-server for the whole test session (never skipped)."""

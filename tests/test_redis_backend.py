@@ -29,7 +29,7 @@ from balancer import BackendUnavailableError, Balancer, StaticAccountSource
 from balancer.backends.base import BackendConfig, ChannelCounts
 from balancer.backends.redis import RedisBackend
 from balancer.testing import make_accounts
-from tests._redis import EVENT_PREFIX, RedisServer, spawn_worker
+from tests._redis import EVENT_PREFIX, RedisServer, dump_redis, spawn_worker
 
 pytestmark = pytest.mark.redis
 
@@ -121,29 +121,6 @@ async def acquire_eventually(
             if got is not None:
                 return got
             await anyio.sleep(0.02)
-
-
-def dump_redis(url: str) -> list[tuple[bytes, str, object]]:
-    """Every key in the server, its type and its whole value."""
-    rows: list[tuple[bytes, str, object]] = []
-    with redis.Redis.from_url(url) as client:
-        for key in client.scan_iter(count=1000):
-            kind = client.type(key).decode()
-            value: object
-            if kind == "string":
-                value = client.get(key)
-            elif kind == "hash":
-                value = client.hgetall(key)
-            elif kind == "set":
-                value = client.smembers(key)
-            elif kind == "zset":
-                value = client.zrange(key, 0, -1, withscores=True)
-            elif kind == "list":
-                value = client.lrange(key, 0, -1)
-            else:
-                value = None
-            rows.append((key, kind, value))
-    return rows
 
 
 def tokens_of(raw: Mapping[str, Mapping[str, Any]]) -> list[str]:

@@ -52,7 +52,6 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
-import redis
 import structlog.testing
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -78,6 +77,7 @@ from balancer import (
 from balancer.backends.redis import RedisBackend
 from balancer.metrics import BalancerCollector
 from balancer.testing import FakeUseapi, make_accounts
+from tests._redis import dump_redis
 
 if TYPE_CHECKING:
     from tests._redis import RedisServer
@@ -281,26 +281,9 @@ async def _enter(lb: Balancer) -> None:
 def redis_texts(url: str) -> list[tuple[str, str]]:
     """Every key of the server and its whole value, whatever its type."""
     rows: list[tuple[str, str]] = []
-    with redis.Redis.from_url(url) as client:
-        for key in client.scan_iter(count=1000):
-            kind = client.type(key).decode()
-            value: object
-            if kind == "string":
-                value = client.get(key)
-            elif kind == "hash":
-                value = client.hgetall(key)
-            elif kind == "set":
-                value = client.smembers(key)
-            elif kind == "zset":
-                value = client.zrange(key, 0, -1, withscores=True)
-            elif kind == "list":
-                value = client.lrange(key, 0, -1)
-            elif kind == "stream":
-                value = client.xrange(key)
-            else:
-                value = client.dump(key)
-            rows.append((f"redis {kind} key", repr(key)))
-            rows.append((f"redis {kind} value of {key!r}", repr(value)))
+    for key, kind, value in dump_redis(url):
+        rows.append((f"redis {kind} key", repr(key)))
+        rows.append((f"redis {kind} value of {key!r}", repr(value)))
     return rows
 
 
