@@ -26,7 +26,7 @@ import random
 import secrets
 import time
 from collections.abc import Callable
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Self, cast, get_args
 
 import anyio
@@ -523,18 +523,6 @@ class Balancer:
             else:
                 skip.add(waiter.channel)
 
-    def _hand_off(self, channel: str) -> None:
-        """Immediate backends: give a slot just freed on ``channel`` to the oldest taker."""
-        waiter = self._waiters.oldest_for(channel)
-        if waiter is None:
-            return
-        immediate = self._immediate
-        assert immediate is not None
-        lease_id = self._new_lease_id()
-        got = immediate.acquire_nowait(lease_id, waiter.channel)
-        if got is not None:
-            self._grant(waiter, self._record_grant(lease_id, got))
-
     # -- release -------------------------------------------------------------
 
     async def release(self, lease: Lease | str, outcome: str = "ok") -> None:
@@ -673,8 +661,10 @@ class Balancer:
         if not self._waiters:
             return
         if self._immediate is not None:
-            if channel is not None and result.status == "released":
-                self._hand_off(channel)
+            # The freed slot goes to the oldest waiter that can use it; the
+            # same loop also serves anyone a cooldown that just ended unblocked.
+            if result.status == "released" and not self._serving:
+                self._serve_now()
         else:
             self._wake.set()
 
@@ -876,8 +866,6 @@ class Balancer:
         With a shared backend, ``in_flight`` and ``free`` are the cluster-wide
         figures as of the last round trip; ``waiting`` counts this process only.
         """
-        from types import MappingProxyType
-
         channels: dict[str, ChannelStatistics] = {}
         capacity = in_flight = free = 0
         for channel, counts in self._backend.counts().items():
