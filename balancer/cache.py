@@ -23,7 +23,7 @@ import structlog
 from cachetools import TTLCache
 
 from .accounts import ParsedAccounts
-from .errors import ConfigNotFoundError
+from .errors import ConfigNotFoundError, describe_error
 
 if TYPE_CHECKING:
     from .sources import AccountSource
@@ -152,7 +152,7 @@ class MapCache:
     def _record_error(self, exc: Exception) -> None:
         self.errors_total += 1
         self.consecutive_errors += 1
-        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.last_error = describe_error(exc)
         logger.warning(
             "map_refresh_failed",
             error=self.last_error,

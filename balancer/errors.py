@@ -129,3 +129,15 @@ class LeaseError(BalancerError):
 
 class BackendUnavailableError(BalancerError):
     """The shared backend (Redis) could not be reached, or did not answer in time."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """
+    An exception as ``"Type: message"``, the form log lines and statistics use.
+
+    The innermost leaf stands for an ``ExceptionGroup`` (what anyio raises
+    around a single failure); messages of this package never hold a secret.
+    """
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"

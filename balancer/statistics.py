@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+
+from ._types import ChannelState
 
 __all__ = ["BalancerStatistics", "ChannelState", "ChannelStatistics"]
-
-ChannelState = Literal["active", "draining", "cooling"]
 
 
 @dataclass(frozen=True, slots=True)

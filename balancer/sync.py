@@ -7,11 +7,10 @@ Design:
   thread, reached through an anyio blocking portal. Every public method is a
   call into that loop, so the balancer's own bookkeeping stays single-threaded
   and needs no lock; any number of threads may call in at once.
-* ``acquire()`` blocks, then returns a :class:`SyncLease`: a thin wrapper of
-  the :class:`~balancer.Lease` that is also a context manager. ``with
-  lb.acquire() as lease`` binds the real ``Lease``; ``lease = lb.acquire()``
-  binds the wrapper, which reads like a ``Lease`` and which ``release()``
-  takes as readily as the ``Lease`` itself or its id.
+* ``acquire()`` blocks, then returns the :class:`~balancer.Lease` itself, made
+  a plain context manager: ``with lb.acquire() as lease`` releases it on exit.
+  The facade drives the balancer's scheduler through the documented internal
+  interface :class:`balancer.lease.LeaseOwner`.
 * A thread interrupted while it waits (``KeyboardInterrupt``, or any
   exception raised into it) abandons its request in the loop: a wait still in
   progress is cancelled, and a slot granted in the meantime is given back, so
@@ -19,11 +18,19 @@ Design:
   touches, instead of cancelling the portal's future, because a future
   cancelled just as its task finished would drop the granted lease unseen.
 * Closing fails every waiting ``acquire()`` with a :class:`~balancer.BalancerError`,
-  stops the loop and joins its thread: no thread is left behind.
+  stops the loop and joins its thread: no thread is left behind. A balancer
+  still open when the interpreter exits is closed by an ``atexit`` hook, so a
+  forgotten module-level balancer never hangs the exit.
+* The loop thread does not survive ``fork()``: a balancer opened in a parent
+  (a Celery prefork pool importing a module-level balancer) raises a
+  :class:`~balancer.BalancerError` at once in the child, instead of waiting
+  forever on a thread that the child does not have.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
@@ -36,16 +43,15 @@ import structlog
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from .balancer import Balancer
-from .errors import BalancerError
+from .errors import BalancerError, describe_error
+from .lease import exit_outcome
 
 if TYPE_CHECKING:
-    from .accounts import Account
-    from .backends.base import Outcome
-    from .lease import Lease
+    from .lease import Lease, LeaseOwner
     from .sources import AccountSource
     from .statistics import BalancerStatistics
 
-__all__ = ["SyncBalancer", "SyncLease"]
+__all__ = ["SyncBalancer"]
 
 T = TypeVar("T")
 
@@ -56,70 +62,12 @@ _INTERRUPT_CHECK_S = 0.2
 #: How long an interrupted thread waits for its cancelled request to wind up.
 _ABANDON_WAIT_S = 5.0
 
-
-class SyncLease:
-    """
-    A :class:`~balancer.Lease` from :meth:`SyncBalancer.acquire`, usable as a context manager.
-
-    ``with lb.acquire(timeout=30) as lease:`` binds the underlying ``Lease`` and
-    releases it on exit, with outcome ``"failed"`` if the block raised (unless
-    ``lease.outcome`` was set). Used without ``with``, it reads like the
-    ``Lease`` (``id``, ``channel``, ``account``, ``outcome``...) and is given
-    back with :meth:`SyncBalancer.release`.
-    """
-
-    __slots__ = ("_balancer", "lease")
-
-    def __init__(self, balancer: SyncBalancer, lease: Lease) -> None:
-        self._balancer = balancer
-        #: the lease itself
-        self.lease = lease
-
-    @property
-    def id(self) -> str:
-        return self.lease.id
-
-    @property
-    def channel(self) -> str:
-        return self.lease.channel
-
-    @property
-    def account(self) -> Account:
-        return self.lease.account
-
-    @property
-    def acquired_at(self) -> float:
-        return self.lease.acquired_at
-
-    @property
-    def outcome(self) -> Outcome:
-        return self.lease.outcome
-
-    @outcome.setter
-    def outcome(self, value: Outcome) -> None:
-        self.lease.outcome = value
-
-    @property
-    def lost(self) -> bool:
-        return self.lease.lost
-
-    @property
-    def released(self) -> bool:
-        return self.lease.released
-
-    def __enter__(self) -> Lease:
-        return self.lease
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._balancer._release_on_exit(self.lease, exc)
-
-    def __repr__(self) -> str:
-        return f"<SyncLease {self.lease!r}>"
+#: Every SyncBalancer open in this process, closed by :func:`_close_at_exit`.
+#: Strong references: an open balancer owns a running thread, and collecting
+#: it unclosed would run the portal's cleanup (which waits on that thread) in
+#: whichever thread the garbage collector happens to run.
+_OPEN: set[SyncBalancer] = set()
+_OPEN_LOCK = threading.Lock()
 
 
 class _Ticket:
@@ -188,7 +136,9 @@ class SyncBalancer:
         self._portal_cm: AbstractContextManager[BlockingPortal] | None = None
         self._portal: BlockingPortal | None = None
         self._balancer_cm: AbstractContextManager[Balancer] | None = None
-        self._state = "new"  # -> "open" -> "closing" -> "closed"
+        self._owner: LeaseOwner = self._balancer.lease_owner
+        self._pid = os.getpid()
+        self._state = "new"  # -> "opening" -> "open" -> "closing" -> "closed"
 
     def __repr__(self) -> str:
         state = getattr(self, "_state", "new")
@@ -223,7 +173,10 @@ class SyncBalancer:
             raise
         with self._lock:
             self._portal_cm, self._portal, self._balancer_cm = portal_cm, portal, balancer_cm
+            self._pid = os.getpid()
             self._state = "open"
+        with _OPEN_LOCK:
+            _OPEN.add(self)
         return self
 
     def close(self) -> None:
@@ -231,6 +184,11 @@ class SyncBalancer:
         Close the balancer and stop its thread; waiting ``acquire()`` calls
         raise ``BalancerError``. Does nothing if already closed.
         """
+        if self._forked():
+            # NOTE: in a forked child the loop thread is the parent's; there is
+            # nothing here to stop (and a lock held at fork time stays held).
+            self._state, self._portal = "closed", None
+            return
         with self._lock:
             if self._state != "open":
                 if self._state == "new":
@@ -239,6 +197,8 @@ class SyncBalancer:
             self._state = "closing"
             portal_cm, balancer_cm = self._portal_cm, self._balancer_cm
             self._portal_cm = self._balancer_cm = None
+        with _OPEN_LOCK:
+            _OPEN.discard(self)
         assert portal_cm is not None and balancer_cm is not None
         try:
             balancer_cm.__exit__(None, None, None)
@@ -261,7 +221,19 @@ class SyncBalancer:
 
     # -- calls into the loop -------------------------------------------------
 
+    def _forked(self) -> bool:
+        return os.getpid() != self._pid
+
+    def _check_process(self) -> None:
+        if self._forked():
+            raise BalancerError(
+                "this SyncBalancer was opened in the parent process and cannot be used "
+                "after fork(): open a new one in each child (e.g. in Celery's "
+                "worker_process_init signal)"
+            )
+
     def _running_portal(self) -> BlockingPortal:
+        self._check_process()
         with self._lock:
             portal = self._portal
             if self._state == "open" and portal is not None:
@@ -283,10 +255,11 @@ class SyncBalancer:
 
     # -- acquire -------------------------------------------------------------
 
-    def acquire(self, *, timeout: float | None = None, channel: str | None = None) -> SyncLease:
+    def acquire(self, *, timeout: float | None = None, channel: str | None = None) -> Lease:
         """
         Take a slot, blocking until one is free; release it with :meth:`release`
-        or use the result as a context manager.
+        or use the :class:`~balancer.Lease` as a context manager (an exception
+        leaving the block releases it as ``"failed"``).
 
         Same choice and waiting rules as :meth:`Balancer.acquire`: waiters are
         served in arrival order, across all threads. If the calling thread is
@@ -326,7 +299,8 @@ class SyncBalancer:
             self._abandon(ticket)
             raise
         assert lease is not None  # only an abandoned request yields None
-        return SyncLease(self, lease)
+        lease._sync = self
+        return lease
 
     async def _acquire_for(
         self, ticket: _Ticket, timeout: float | None, channel: str | None
@@ -340,14 +314,14 @@ class SyncBalancer:
                 raise BalancerError("the SyncBalancer is closed")
             with anyio.CancelScope() as scope:
                 ticket.scope = scope
-                lease = await self._balancer._acquire(timeout, channel)
+                lease = await self._owner.acquire_lease(timeout, channel)
                 # NOTE: the thread may have given up while we waited; it no
                 # longer reads the result, so the lease goes back.
             ticket.scope = None
             if scope.cancelled_caught:
                 return None  # abandoned while waiting; the balancer gave back any grant
             if ticket.abandoned:
-                await self._balancer._release_lease(lease, "abandoned")
+                await self._owner.release_lease(lease, "abandoned")
                 return None
             ticket.lease = lease
             return lease
@@ -364,9 +338,11 @@ class SyncBalancer:
             await ticket.ended.wait()
         lease, ticket.lease = ticket.lease, None
         if lease is not None:
-            await self._balancer._release_lease(lease, "abandoned")
+            await self._owner.release_lease(lease, "abandoned")
 
     def _abandon(self, ticket: _Ticket) -> None:
+        if self._forked():
+            return
         with self._lock:
             portal = self._portal
         if portal is None:
@@ -376,30 +352,29 @@ class SyncBalancer:
         except RuntimeError:
             return  # the portal stopped meanwhile: closing reclaimed everything
         except Exception as exc:  # noqa: BLE001 - the thread's interruption matters more
-            logger.warning("acquire_abandon_failed", error=f"{type(exc).__name__}: {exc}")
+            logger.warning("acquire_abandon_failed", error=describe_error(exc))
 
     # -- release -------------------------------------------------------------
 
-    def release(self, lease: Lease | SyncLease | str, outcome: str = "ok") -> None:
+    def release(self, lease: Lease | str, outcome: str = "ok") -> None:
         """
         Give a lease's slot back and report how the job went.
 
         Same rules as :meth:`Balancer.release`: idempotent, ``"throttled"``
-        cools the channel, ``lease`` may be the lease, its wrapper or its id.
+        cools the channel, ``lease`` may be the lease or its id.
 
         Raises:
             LeaseError: the lease belongs to another balancer, or (memory
                 backend) the id was never issued here.
             BalancerError: the ``SyncBalancer`` is closed.
         """
-        if isinstance(lease, SyncLease):
-            lease = lease.lease
         self._call(self._balancer.release, lease, outcome)
 
-    def _release_on_exit(self, lease: Lease, exc: BaseException | None) -> None:
-        outcome = self._balancer._exit_outcome(lease, exc)
+    def release_on_exit(self, lease: Lease, exc: BaseException | None) -> None:
+        """What ``with lb.acquire() as lease`` calls on exit (:class:`balancer.lease.SyncReleaser`)."""
+        outcome = exit_outcome(lease, exc)
         try:
-            self._call(self._balancer._release_lease, lease, outcome)
+            self._call(self._owner.release_lease, lease, outcome)
         except BalancerError:
             if exc is None:
                 raise
@@ -424,6 +399,7 @@ class SyncBalancer:
         Taken in the loop thread while the balancer runs, so it is consistent;
         before opening and after closing it is read directly.
         """
+        self._check_process()
         with self._lock:
             portal = self._portal
         if portal is None:
@@ -451,3 +427,27 @@ def _wait(future: Future[T]) -> T:
             # pending means the slice ran out.
             if future.done():
                 return future.result()
+
+
+def _forget_after_fork() -> None:
+    """In a forked child: the parent's balancers are not ours to close."""
+    global _OPEN_LOCK
+    _OPEN.clear()
+    _OPEN_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Close every SyncBalancer still open when the interpreter exits."""
+    with _OPEN_LOCK:
+        still_open = list(_OPEN)
+    for balancer in still_open:
+        if balancer._forked():
+            continue
+        try:
+            balancer.close()
+        except Exception as exc:  # noqa: BLE001 - exiting: log and go on with the others
+            logger.warning("balancer_close_failed", error=describe_error(exc))

@@ -181,7 +181,7 @@ def _decomposition(lb: Balancer) -> dict[str, Batch]:
     except Exception:  # noqa: BLE001 - internals moved: no decomposition
         return {}
     counter = [f"bench-counter-{uuid.uuid4().hex[:8]}", *keys[1:]]
-    new_id = lb._new_lease_id
+    new_id = lb._book.new_id
 
     def acquire_args(lease_id: str) -> list[Any]:
         return [*backend._common(backend._epoch), lease_id, "", "random", 60_000]

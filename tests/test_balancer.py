@@ -133,9 +133,9 @@ def channel_state(lb: Balancer, channel: str) -> str | None:
 def assert_no_waiters(lb: Balancer) -> None:
     """Nothing is left in the internal wait queue."""
     assert lb.statistics().waiting == 0
-    assert len(lb._waiters) == 0
-    assert list(lb._waiters) == []
-    assert lb._waiters.pinned_channels() == []
+    assert len(lb._scheduler.waiters) == 0
+    assert list(lb._scheduler.waiters) == []
+    assert lb._scheduler.waiters.pinned_channels() == []
 
 
 # -- acquire -------------------------------------------------------------------
@@ -538,7 +538,7 @@ class TestWaiting:
         for waiter in waiters:
             assert isinstance(waiter.error, BalancerError)
             assert not isinstance(waiter.error, NoCapacityError)
-        assert len(lb._waiters) == 0
+        assert len(lb._scheduler.waiters) == 0
 
 
 class TestNoAccounts:

@@ -21,7 +21,6 @@ from balancer import (
     StaticAccountSource,
     SyncBalancer,
 )
-from balancer.sync import SyncLease
 from balancer.testing import FakeUseapi, make_accounts
 
 
@@ -89,11 +88,11 @@ class TestSyncBalancer:
                 assert lb.statistics().in_flight == 1
             assert lb.statistics().in_flight == 0
             handle = lb.acquire(timeout=5)
-            assert isinstance(handle, SyncLease)
+            assert isinstance(handle, Lease)
             assert (handle.channel, handle.account.max_jobs) == ("ch0", 2)
             lb.release(handle)
             lease2 = lb.acquire(timeout=5)
-            lb.release(lease2.lease, outcome="ok")
+            lb.release(lease2, outcome="ok")
             lease3 = lb.acquire(timeout=5)
             lb.release(lease3.id)
             stats = lb.statistics()
@@ -212,7 +211,7 @@ class TestSyncBalancer:
                 thread.join(5)
                 # The interrupt may land after acquire() returned: the lease is
                 # then alive (and the caller's to release), never orphaned.
-                live = lb._call(lambda: list(lb._balancer._leases))
+                live = lb._call(lambda: list(lb._balancer._book.live))
                 assert lb.statistics().in_flight == len(live) <= 1
                 for lease_id in live:
                     lb.release(lease_id)

@@ -33,10 +33,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
+from .._types import ChannelState, Outcome, ReleaseOutcome, Selection
+
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
-    from ..statistics import ChannelState
 
 __all__ = [
     "MAX_JOBS_CAP",
@@ -56,12 +57,6 @@ __all__ = [
 #: must not make a backend build a billion-entry index (weighted selection
 #: keeps one token per free slot); a larger maxJobs counts as this many.
 MAX_JOBS_CAP = 1000
-
-Selection = Literal["random", "weighted", "p2c"]
-Outcome = Literal["ok", "failed", "throttled"]
-#: ``"abandoned"``: the holder was cancelled; the slot comes back and the
-#: channel's failure streak is left as it was.
-ReleaseOutcome = Literal["ok", "failed", "throttled", "abandoned"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,10 +133,13 @@ class RenewResult:
         learn they no longer own a slot)
     :ivar released: leases released elsewhere (by id, from another process);
         they are no longer renewed and are not counted as lost
+    :ivar completed: releases of ours that had failed (the backend was
+        unreachable) and that this round completed
     """
 
     lost: frozenset[str] = frozenset()
     released: frozenset[str] = frozenset()
+    completed: frozenset[str] = frozenset()
 
 
 class Backend(Protocol):

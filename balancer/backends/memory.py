@@ -31,7 +31,7 @@ from .base import (
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
-    from ..statistics import ChannelState
+    from .._types import ChannelState
 
 __all__ = ["MemoryBackend"]
 
@@ -231,10 +231,12 @@ class MemoryBackend:
         return RenewResult()
 
     def counts(self) -> Mapping[str, ChannelCounts]:
-        if self._cooling and self._cooling[0][0] <= self._clock():
-            self._end_cooling()
+        # NOTE: a read only. A cooldown that ran out shows as over, but is
+        # ended (and waiters served) by the next acquire or wake-up, never by
+        # someone looking at statistics.
+        now = self._clock() if self._cooling else 0.0
         return {
-            channel.id: ChannelCounts(channel.max_jobs, channel.in_flight, _state(channel))
+            channel.id: ChannelCounts(channel.max_jobs, channel.in_flight, _state(channel, now))
             for channel in self._channels.values()
         }
 
@@ -285,10 +287,10 @@ class MemoryBackend:
             self._notify()
 
 
-def _state(channel: _Channel) -> ChannelState:
+def _state(channel: _Channel, now: float) -> ChannelState:
     if channel.draining:
         return "draining"
-    if channel.cooling_until:
+    if channel.cooling_until > now:
         return "cooling"
     return "active"
 

@@ -410,7 +410,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert stats.free == sum(m.free for m in active)
         assert stats.in_flight == sum(m.in_flight for m in self.channels.values())
         assert stats.in_flight == len(self.held)
-        assert stats.waiting == len(self.waiters) == len(self.lb._waiters)
+        assert stats.waiting == len(self.waiters) == len(self.lb._scheduler.waiters)
         assert (stats.acquired_total, stats.released_total, stats.timeouts_total) == (
             self.acquired_total,
             self.released_total,
@@ -438,7 +438,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.end_cooldowns()
             stats = self.portal.call(self.lb.statistics)
             assert stats.in_flight == 0
-            assert stats.waiting == 0 and len(self.lb._waiters) == 0
+            assert stats.waiting == 0 and len(self.lb._scheduler.waiters) == 0
             assert all(s.state == "active" for s in stats.channels.values())
             assert set(stats.channels) == {c for c, m in self.channels.items() if not m.draining}
             assert stats.free == stats.capacity

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 if TYPE_CHECKING:
-    from .lease import Lease
+    from ..lease import Lease
 
 __all__ = ["WaitQueue", "Waiter"]
 

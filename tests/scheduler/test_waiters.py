@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import random
 
-from balancer.waiters import Waiter, WaitQueue
+from balancer.scheduler.waiters import Waiter, WaitQueue
 
 
 def assert_empty(queue: WaitQueue) -> None:
