@@ -18,7 +18,6 @@ Design:
 
 from __future__ import annotations
 
-import logging
 import math
 import random
 from collections.abc import Callable
@@ -29,6 +28,7 @@ import anyio
 import anyio.lowlevel
 import structlog
 
+from ._checks import check_balancer_arguments, check_positive
 from ._types import Outcome, Selection
 from .backends.base import Backend, BackendConfig
 from .backends.memory import MemoryBackend
@@ -52,7 +52,6 @@ __all__ = ["Balancer"]
 
 logger = structlog.get_logger("balancer")
 
-_SELECTIONS = frozenset(get_args(Selection))
 _OUTCOMES = frozenset(get_args(Outcome))
 
 
@@ -119,14 +118,14 @@ class Balancer:
     ) -> None:
         self._running = False
         self._closed = False
-        _check_arguments(source, backend, selection, failures_to_cool, seed)
-        _check_positive("ttl", ttl)
+        check_balancer_arguments(source, backend, selection, failures_to_cool, seed)
+        check_positive("ttl", ttl)
         if max_stale is not None:
-            _check_positive("max_stale", max_stale)
+            check_positive("max_stale", max_stale)
         if lease_ttl is not None:
-            _check_positive("lease_ttl", lease_ttl)
-        _check_positive("cooldown", cooldown, allow_zero=True)
-        _check_positive("poll_interval", poll_interval)
+            check_positive("lease_ttl", lease_ttl)
+        check_positive("cooldown", cooldown, allow_zero=True)
+        check_positive("poll_interval", poll_interval)
         self._source = source
         self._backend: Backend = backend if backend is not None else MemoryBackend()
         self._ttl = float(ttl)
@@ -188,8 +187,7 @@ class Balancer:
         # group is left with no exception passed in, so the first fetch's error
         # (AuthError, SourceError, ...) reaches the caller as itself, never
         # wrapped in an ExceptionGroup.
-        log = logger.bind()
-        self._scheduler.prepare(log, _debug_enabled(log), _event_factory())
+        self._scheduler.prepare()
         opened = False
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
@@ -427,67 +425,3 @@ class Balancer:
             refresh_errors_total=cache.errors_total,
             last_refresh_error=cache.last_error,
         )
-
-
-def _check_arguments(
-    source: object, backend: object, selection: object, failures_to_cool: object, seed: object
-) -> None:
-    if not callable(getattr(source, "fetch", None)):
-        raise TypeError("source must have an async fetch() method")
-    if backend is not None and not all(
-        hasattr(backend, name) for name in ("immediate", "try_acquire", "release", "set_map")
-    ):
-        raise TypeError(
-            f"backend must be a Backend such as MemoryBackend() or RedisBackend(url), "
-            f"not {type(backend).__name__}"
-        )
-    if selection not in _SELECTIONS:
-        raise ValueError(f"selection must be one of {sorted(_SELECTIONS)}")
-    if isinstance(failures_to_cool, bool) or not isinstance(failures_to_cool, int):
-        raise TypeError("failures_to_cool must be an int")
-    if failures_to_cool < 1:
-        raise ValueError("failures_to_cool must be at least 1")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError("seed must be an int or None")
-
-
-def _check_positive(name: str, value: object, *, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
-    if math.isnan(value) or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be {bound}, not {value!r}")
-
-
-def _debug_enabled(log: Any) -> bool:
-    """
-    Whether per-lease debug events would be emitted.
-
-    Only when the application configured structlog (an unconfigured structlog
-    prints every level to stdout, which would spam a worker that never asked
-    for structlog at all) and its logger lets debug through.
-    """
-    if not structlog.is_configured():
-        return False
-    is_enabled_for = getattr(log, "is_enabled_for", None) or getattr(log, "isEnabledFor", None)
-    if is_enabled_for is None:
-        return True
-    try:
-        return bool(is_enabled_for(logging.DEBUG))
-    except Exception:  # noqa: BLE001 - an exotic wrapper class: log rather than guess wrong
-        return True
-
-
-def _event_factory() -> Callable[[], anyio.Event]:
-    """
-    The running event loop's own event class, looked up once.
-
-    ``anyio.Event()`` finds the loop on every call, which costs more than the
-    rest of a hand-off; the backend's ``create_event`` is what it ends up
-    calling anyway.
-    """
-    get_backend = getattr(anyio.lowlevel, "get_async_backend", None)
-    if get_backend is None:  # anyio without the public lookup
-        return anyio.Event
-    create: Callable[[], anyio.Event] = get_backend().create_event
-    return create

@@ -29,19 +29,15 @@ Design:
 
 from __future__ import annotations
 
-import atexit
-import os
-import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
-from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import anyio
 import structlog
-from anyio.from_thread import BlockingPortal, start_blocking_portal
 
+from ._loop_thread import LoopThread
 from .balancer import Balancer
 from .errors import BalancerError, describe_error
 from .lease import exit_outcome
@@ -61,13 +57,6 @@ logger = structlog.get_logger("balancer")
 _INTERRUPT_CHECK_S = 0.2
 #: How long an interrupted thread waits for its cancelled request to wind up.
 _ABANDON_WAIT_S = 5.0
-
-#: Every SyncBalancer open in this process, closed by :func:`_close_at_exit`.
-#: Strong references: an open balancer owns a running thread, and collecting
-#: it unclosed would run the portal's cleanup (which waits on that thread) in
-#: whichever thread the garbage collector happens to run.
-_OPEN: set[SyncBalancer] = set()
-_OPEN_LOCK = threading.Lock()
 
 
 class _Ticket:
@@ -130,18 +119,12 @@ class SyncBalancer:
         # Built here so that bad arguments raise in the caller's thread; anyio
         # primitives created outside a loop bind to it on first use.
         self._balancer = Balancer(source, **options)
-        self._async_backend = async_backend
-        self._async_backend_options = async_backend_options
-        self._lock = threading.Lock()
-        self._portal_cm: AbstractContextManager[BlockingPortal] | None = None
-        self._portal: BlockingPortal | None = None
-        self._balancer_cm: AbstractContextManager[Balancer] | None = None
+        self._loop = LoopThread("SyncBalancer", async_backend, async_backend_options)
         self._owner: LeaseOwner = self._balancer.lease_owner
-        self._pid = os.getpid()
-        self._state = "new"  # -> "opening" -> "open" -> "closing" -> "closed"
 
     def __repr__(self) -> str:
-        state = getattr(self, "_state", "new")
+        loop = getattr(self, "_loop", None)
+        state = loop.state if loop is not None else "new"
         return f"<SyncBalancer {state} {getattr(self, '_balancer', None)!r}>"
 
     # -- lifecycle -----------------------------------------------------------
@@ -155,28 +138,7 @@ class SyncBalancer:
                 loop thread is stopped again before it propagates.
             RuntimeError: already opened.
         """
-        with self._lock:
-            if self._state != "new":
-                raise RuntimeError("a SyncBalancer can be opened once")
-            self._state = "opening"
-        portal_cm = start_blocking_portal(
-            self._async_backend, self._async_backend_options, name="balancer-sync"
-        )
-        portal = portal_cm.__enter__()
-        balancer_cm = portal.wrap_async_context_manager(self._balancer)
-        try:
-            balancer_cm.__enter__()
-        except BaseException as exc:
-            with self._lock:
-                self._state = "closed"
-            portal_cm.__exit__(type(exc), exc, exc.__traceback__)
-            raise
-        with self._lock:
-            self._portal_cm, self._portal, self._balancer_cm = portal_cm, portal, balancer_cm
-            self._pid = os.getpid()
-            self._state = "open"
-        with _OPEN_LOCK:
-            _OPEN.add(self)
+        self._loop.open(self._balancer)
         return self
 
     def close(self) -> None:
@@ -184,29 +146,7 @@ class SyncBalancer:
         Close the balancer and stop its thread; waiting ``acquire()`` calls
         raise ``BalancerError``. Does nothing if already closed.
         """
-        if self._forked():
-            # NOTE: in a forked child the loop thread is the parent's; there is
-            # nothing here to stop (and a lock held at fork time stays held).
-            self._state, self._portal = "closed", None
-            return
-        with self._lock:
-            if self._state != "open":
-                if self._state == "new":
-                    self._state = "closed"
-                return
-            self._state = "closing"
-            portal_cm, balancer_cm = self._portal_cm, self._balancer_cm
-            self._portal_cm = self._balancer_cm = None
-        with _OPEN_LOCK:
-            _OPEN.discard(self)
-        assert portal_cm is not None and balancer_cm is not None
-        try:
-            balancer_cm.__exit__(None, None, None)
-        finally:
-            with self._lock:
-                self._portal = None
-                self._state = "closed"
-            portal_cm.__exit__(None, None, None)
+        self._loop.close()
 
     def __enter__(self) -> Self:
         return self.open()
@@ -221,37 +161,8 @@ class SyncBalancer:
 
     # -- calls into the loop -------------------------------------------------
 
-    def _forked(self) -> bool:
-        return os.getpid() != self._pid
-
-    def _check_process(self) -> None:
-        if self._forked():
-            raise BalancerError(
-                "this SyncBalancer was opened in the parent process and cannot be used "
-                "after fork(): open a new one in each child (e.g. in Celery's "
-                "worker_process_init signal)"
-            )
-
-    def _running_portal(self) -> BlockingPortal:
-        self._check_process()
-        with self._lock:
-            portal = self._portal
-            if self._state == "open" and portal is not None:
-                return portal
-        if self._state in ("new", "opening"):
-            raise RuntimeError("enter the balancer first: `with SyncBalancer(...) as lb:`")
-        raise BalancerError("the SyncBalancer is closed")
-
-    def _submit(self, portal: BlockingPortal, func: Callable[..., Any], *args: Any) -> Future[Any]:
-        try:
-            return portal.start_task_soon(func, *args)
-        except RuntimeError:
-            if self._state == "open":
-                raise  # called from the loop thread itself: a programming error
-            raise BalancerError("the SyncBalancer is closed") from None
-
     def _call(self, func: Callable[..., Any], *args: Any) -> Any:
-        return self._submit(self._running_portal(), func, *args).result()
+        return self._loop.call(func, *args)
 
     # -- acquire -------------------------------------------------------------
 
@@ -280,12 +191,12 @@ class SyncBalancer:
         """
         # Validates the arguments in the caller's thread; never awaited.
         self._balancer.acquire(timeout=timeout, channel=channel)
-        portal = self._running_portal()
+        portal = self._loop.portal()
         ticket = _Ticket()
         future: Future[Lease | None] | None = None
         try:
-            future = self._submit(portal, self._acquire_for, ticket, timeout, channel)
-            lease = _wait(future)
+            future = self._loop.submit(portal, self._acquire_for, ticket, timeout, channel)
+            lease: Lease | None = _wait(future)
         except BaseException as exc:
             if future is None and isinstance(exc, BalancerError | RuntimeError):
                 raise  # refused before anything was submitted
@@ -310,7 +221,7 @@ class SyncBalancer:
             return None
         ticket.ended = anyio.Event()
         try:
-            if self._state != "open":
+            if self._loop.state != "open":
                 raise BalancerError("the SyncBalancer is closed")
             with anyio.CancelScope() as scope:
                 ticket.scope = scope
@@ -341,10 +252,9 @@ class SyncBalancer:
             await self._owner.release_lease(lease, "abandoned")
 
     def _abandon(self, ticket: _Ticket) -> None:
-        if self._forked():
+        if self._loop.forked():
             return
-        with self._lock:
-            portal = self._portal
+        portal = self._loop.portal_or_none()
         if portal is None:
             return  # closing: the balancer fails or reclaims every wait itself
         try:
@@ -399,9 +309,7 @@ class SyncBalancer:
         Taken in the loop thread while the balancer runs, so it is consistent;
         before opening and after closing it is read directly.
         """
-        self._check_process()
-        with self._lock:
-            portal = self._portal
+        portal = self._loop.portal_or_none()
         if portal is None:
             return self._balancer.statistics()
         try:
@@ -427,27 +335,3 @@ def _wait(future: Future[T]) -> T:
             # pending means the slice ran out.
             if future.done():
                 return future.result()
-
-
-def _forget_after_fork() -> None:
-    """In a forked child: the parent's balancers are not ours to close."""
-    global _OPEN_LOCK
-    _OPEN.clear()
-    _OPEN_LOCK = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_after_fork)
-
-
-@atexit.register
-def _close_at_exit() -> None:
-    """Close every SyncBalancer still open when the interpreter exits."""
-    with _OPEN_LOCK:
-        still_open = list(_OPEN)
-    for balancer in still_open:
-        if balancer._forked():
-            continue
-        try:
-            balancer.close()
-        except Exception as exc:  # noqa: BLE001 - exiting: log and go on with the others
-            logger.warning("balancer_close_failed", error=describe_error(exc))

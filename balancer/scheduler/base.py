@@ -21,6 +21,7 @@ the reaction to a map change, and the wake loop.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from abc import ABC, abstractmethod
@@ -28,6 +29,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 import structlog
 
 from ..errors import (
@@ -93,9 +95,11 @@ class Scheduler(ABC):
         self._debug = False
         self._make_event: Callable[[], anyio.Event] = anyio.Event
 
-    def prepare(self, log: Any, debug: bool, make_event: Callable[[], anyio.Event]) -> None:
-        """Bind what the running event loop offers; called on enter, before the backend opens."""
-        self._log, self._debug, self._make_event = log, debug, make_event
+    def prepare(self) -> None:
+        """Bind to the running event loop and logging; called on enter, before the backend opens."""
+        self._log = logger.bind()
+        self._debug = _debug_enabled(self._log)
+        self._make_event = _event_factory()
         self._wake = anyio.Event()
 
     def start(self, task_group: TaskGroup) -> None:
@@ -310,3 +314,37 @@ class Scheduler(ABC):
     def wake(self) -> None:
         """Serve the waiters soon (a refresh brought a map, say)."""
         self._wake.set()
+
+
+def _debug_enabled(log: Any) -> bool:
+    """
+    Whether per-lease debug events would be emitted.
+
+    Only when the application configured structlog (an unconfigured structlog
+    prints every level to stdout, which would spam a worker that never asked
+    for structlog at all) and its logger lets debug through.
+    """
+    if not structlog.is_configured():
+        return False
+    is_enabled_for = getattr(log, "is_enabled_for", None) or getattr(log, "isEnabledFor", None)
+    if is_enabled_for is None:
+        return True
+    try:
+        return bool(is_enabled_for(logging.DEBUG))
+    except Exception:  # noqa: BLE001 - an exotic wrapper class: log rather than guess wrong
+        return True
+
+
+def _event_factory() -> Callable[[], anyio.Event]:
+    """
+    The running event loop's own event class, looked up once.
+
+    ``anyio.Event()`` finds the loop on every call, which costs more than the
+    rest of a hand-off; the backend's ``create_event`` is what it ends up
+    calling anyway.
+    """
+    get_backend = getattr(anyio.lowlevel, "get_async_backend", None)
+    if get_backend is None:  # anyio without the public lookup
+        return anyio.Event
+    create: Callable[[], anyio.Event] = get_backend().create_event
+    return create
