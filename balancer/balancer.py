@@ -142,21 +142,15 @@ class Balancer:
         )
         self._table = ChannelTable()
         self._book = LeaseBook()
-        stale_check = self._check_stale if max_stale is not None else None
-        self._scheduler: Scheduler
-        if self._backend.immediate:
-            self._scheduler = ImmediateScheduler(
-                self._backend, self._book, self._table, stale_check=stale_check
-            )
-        else:
-            self._scheduler = RemoteScheduler(
-                self._backend,
-                self._book,
-                self._table,
-                stale_check=stale_check,
-                poll_interval=poll_interval,
-                lease_ttl=self._lease_ttl,
-            )
+        kind = ImmediateScheduler if self._backend.immediate else RemoteScheduler
+        self._scheduler: Scheduler = kind(
+            self._backend,
+            self._book,
+            self._table,
+            stale_check=self._check_stale if max_stale is not None else None,
+            poll_interval=poll_interval,
+            lease_ttl=self._lease_ttl,
+        )
         self._task_group: TaskGroup | None = None
         self._stale_logged = False
 

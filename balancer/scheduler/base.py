@@ -79,8 +79,14 @@ class Scheduler(ABC):
         table: ChannelTable,
         *,
         stale_check: Callable[[], None] | None,
+        poll_interval: float = 1.0,
+        lease_ttl: float | None = None,
     ) -> None:
         self.backend = backend
+        # A remote scheduler's: how often waiters retry without a wake-up, and
+        # the lease lifetime its renewals keep up with.
+        self._poll_interval = poll_interval
+        self._lease_ttl = lease_ttl
         self.book = book
         self.table = table
         self.waiters = WaitQueue()

@@ -23,12 +23,12 @@ from ..channels import ChannelInfo
 from .base import Scheduler
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Mapping
 
     from .._types import ReleaseOutcome
-    from ..backends.base import Backend, ChannelCounts, ImmediateBackend, ReleaseResult
-    from ..channels import ChannelTable, MapChange
-    from ..lease import Lease, LeaseBook
+    from ..backends.base import ChannelCounts, ImmediateBackend, ReleaseResult
+    from ..channels import MapChange
+    from ..lease import Lease
 
 __all__ = ["ImmediateScheduler"]
 
@@ -36,20 +36,16 @@ __all__ = ["ImmediateScheduler"]
 class ImmediateScheduler(Scheduler):
     """In-place hand-off: a release serves the oldest waiter before it returns."""
 
+    _now: ImmediateBackend
+    _serving: bool
+
     # Invariants (beyond Scheduler's): ``_serving`` is True only inside
     # ``_serve_now``; a backend notification during it (a cooldown that ended
     # while an acquire picked) is served by that same loop.
 
-    def __init__(
-        self,
-        backend: Backend,
-        book: LeaseBook,
-        table: ChannelTable,
-        *,
-        stale_check: Callable[[], None] | None,
-    ) -> None:
-        super().__init__(backend, book, table, stale_check=stale_check)
-        self._now = cast("ImmediateBackend", backend)
+    def prepare(self) -> None:
+        super().prepare()
+        self._now = cast("ImmediateBackend", self.backend)
         self._serving = False
 
     def notify(self) -> None:

@@ -24,14 +24,11 @@ from ..errors import BackendUnavailableError, describe_error
 from .base import Scheduler
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from anyio.abc import TaskGroup
 
     from .._types import ReleaseOutcome
-    from ..backends.base import Backend, ReleaseResult
-    from ..channels import ChannelTable
-    from ..lease import Lease, LeaseBook
+    from ..backends.base import ReleaseResult
+    from ..lease import Lease
 
 __all__ = ["RemoteScheduler"]
 
@@ -40,20 +37,6 @@ logger = structlog.get_logger("balancer")
 
 class RemoteScheduler(Scheduler):
     """A dispatcher task serves the waiters; a renewal task keeps leases alive."""
-
-    def __init__(
-        self,
-        backend: Backend,
-        book: LeaseBook,
-        table: ChannelTable,
-        *,
-        stale_check: Callable[[], None] | None,
-        poll_interval: float,
-        lease_ttl: float | None,
-    ) -> None:
-        super().__init__(backend, book, table, stale_check=stale_check)
-        self._poll_interval = poll_interval
-        self._lease_ttl = lease_ttl
 
     def start(self, task_group: TaskGroup) -> None:
         super().start(task_group)
