@@ -152,8 +152,10 @@ class Scheduler(ABC):
     def _enqueued(self) -> None:
         """Hook: a waiter was queued (a remote dispatcher wakes to serve it)."""
 
-    async def _wait(self, timeout: float | None, channel: str | None) -> Lease:
-        waiter = self.waiters.push(channel, self._make_event())
+    async def _wait(
+        self, timeout: float | None, channel: str | None, seq: int | None = None
+    ) -> Lease:
+        waiter = self.waiters.push(channel, self._make_event(), seq)
         started = time.monotonic() if self._debug else 0.0
         self._enqueued()
         try:

@@ -13,7 +13,6 @@ instead of being left in Redis for an id nobody holds.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import anyio
@@ -38,6 +37,13 @@ logger = structlog.get_logger("balancer")
 class RemoteScheduler(Scheduler):
     """A dispatcher task serves the waiters; a renewal task keeps leases alive."""
 
+    #: seqs of callers whose first attempt is in flight, oldest first
+    _attempts: dict[int, None]
+
+    def prepare(self) -> None:
+        super().prepare()
+        self._attempts = {}
+
     def start(self, task_group: TaskGroup) -> None:
         super().start(task_group)
         if self._lease_ttl is not None:
@@ -47,22 +53,33 @@ class RemoteScheduler(Scheduler):
 
     async def acquire_lease(self, timeout: float | None, channel: str | None) -> Lease:
         self._precheck(channel)
-        if not self.waiters.ahead_of(channel):
-            # The round trip counts against the timeout, like the wait.
-            deadline = math.inf if timeout is None else anyio.current_time() + timeout
-            lease = await self._take(channel, deadline)
-            if lease is not None:
-                return lease
-            if timeout is not None:
-                timeout = max(0.0, deadline - anyio.current_time())
-                if timeout == 0:
-                    raise self._no_capacity(0, channel)
-        return await self._wait(timeout, channel)
+        # The place in line is taken now, at the call: an attempt that fails
+        # queues ahead of every caller that came later, whenever its round
+        # trip returns (see WaitQueue.reserve).
+        seq = self.waiters.reserve()
+        if self.waiters.ahead_of(channel):
+            return await self._wait(timeout, channel, seq)
+        started = anyio.current_time()
+        self._attempts[seq] = None
+        try:
+            lease = await self._take(channel)
+        finally:
+            del self._attempts[seq]
+            if self.waiters:
+                self._wake.set()  # the dispatcher may have paused for this attempt
+        if lease is not None:
+            return lease
+        if timeout is not None:
+            # The attempt counts against the timeout, like the wait.
+            timeout = max(0.0, started + timeout - anyio.current_time())
+            if timeout == 0:
+                raise self._no_capacity(0, channel)
+        return await self._wait(timeout, channel, seq)
 
-    async def _take(self, channel: str | None, deadline: float = math.inf) -> Lease | None:
+    async def _take(self, channel: str | None) -> Lease | None:
         """One attempt at a slot; ``None`` when nothing is free."""
         lease_id = self.book.new_id()
-        got = await self._round_trip(lease_id, channel, deadline)
+        got = await self._round_trip(lease_id, channel)
         if got is None:
             return None
         info = self.table.infos.get(got) if got in self.table.accounts else None
@@ -74,17 +91,17 @@ class RemoteScheduler(Scheduler):
             return None
         return self._issue(lease_id, info)
 
-    async def _round_trip(self, lease_id: str, channel: str | None, deadline: float) -> str | None:
+    async def _round_trip(self, lease_id: str, channel: str | None) -> str | None:
         # NOTE: the round trip is shielded so a cancellation cannot cut it at a
         # point where the grant happened but nobody knows of it; if we were
         # cancelled meanwhile, the slot is given back before the cancellation
-        # goes on. Only the acquire's own deadline may cut it short: then the
-        # backend treats the grant as in doubt and gives it back itself.
-        got: str | None = None
-        with anyio.CancelScope(shield=True, deadline=deadline) as scope:
+        # goes on. Neither can the acquire's timeout: an attempt, once sent, is
+        # bounded by the backend's own operation timeout (a timeout of 0 makes
+        # one attempt; it never turns a healthy backend into an error). When
+        # that timeout cuts it, the backend holds the grant as in doubt and
+        # gives it back itself.
+        with anyio.CancelScope(shield=True):
             got = await self.backend.try_acquire(lease_id, channel)
-        if scope.cancelled_caught:
-            raise BackendUnavailableError("the backend did not answer within the acquire's timeout")
         try:
             await anyio.lowlevel.checkpoint_if_cancelled()
         except BaseException:
@@ -118,6 +135,10 @@ class RemoteScheduler(Scheduler):
         """
         skip: set[str] = set()
         while (waiter := self.waiters.oldest(False, skip)) is not None:
+            if self._attempts and next(iter(self._attempts)) < waiter.seq:
+                # NOTE: an older caller's first attempt is still in flight; if
+                # it fails, it queues ahead of this waiter. Its end wakes us.
+                return
             lease = await self._take(waiter.channel)
             # NOTE: the waiter may have timed out or been cancelled during the
             # round trip; then the slot goes back.

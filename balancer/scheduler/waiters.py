@@ -69,17 +69,41 @@ class WaitQueue:
             return True
         return channel is not None and channel in self._pinned
 
-    def push(self, channel: str | None, event: anyio.Event | None = None) -> Waiter:
-        """Queue a new waiter; ``event`` is what it will wait on (default: a new one)."""
+    def reserve(self) -> int:
+        """
+        Take the next place in line without queueing yet.
+
+        A caller that first tries for a free slot (one round trip, with a
+        remote backend) reserves its place when it calls ``acquire()``, and
+        queues with it if the attempt fails: its place is its call order, not
+        the order in which round trips happen to return.
+        """
         self._seq += 1
-        waiter = Waiter(self._seq, channel, event)
+        return self._seq
+
+    def push(
+        self, channel: str | None, event: anyio.Event | None = None, seq: int | None = None
+    ) -> Waiter:
+        """
+        Queue a waiter; ``event`` is what it will wait on (default: a new one).
+
+        ``seq`` is a place taken earlier with :meth:`reserve`; the waiter goes
+        in ahead of every waiter that came later.
+        """
+        if seq is None:
+            seq = self.reserve()
+        waiter = Waiter(seq, channel, event)
         if channel is None:
-            self._unpinned[waiter.seq] = waiter
+            queue = self._unpinned
         else:
-            queue = self._pinned.get(channel)
-            if queue is None:
-                queue = self._pinned[channel] = OrderedDict()
-            queue[waiter.seq] = waiter
+            found = self._pinned.get(channel)
+            queue = self._pinned[channel] = OrderedDict() if found is None else found
+        queue[seq] = waiter
+        if seq != self._seq:
+            # NOTE: rare (round trips that returned out of order): move the
+            # later waiters behind this one; each queue stays in seq order.
+            for later in [k for k in queue if k > seq]:
+                queue.move_to_end(later)
         self._count += 1
         return waiter
 
