@@ -6,14 +6,13 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
+from .accounts import MASK
+
 if TYPE_CHECKING:
     from .accounts import ParsedAccounts
     from .sources import UseapiAccountSource
 
-__all__ = ["MASK", "fetch_accounts", "print_json", "print_table"]
-
-#: What every credential prints as: no part of it, not even a prefix.
-MASK = "********"
+__all__ = ["fetch_accounts", "print_json", "print_table"]
 
 
 async def fetch_accounts(source: UseapiAccountSource) -> ParsedAccounts:

@@ -175,7 +175,7 @@ def run_fleet(
         import redis
     except ImportError:
         raise FleetError("--redis needs the redis extra: pip install 'balancer[redis]'") from None
-    from ._redis_server import RedisServer
+    from .testing.redis_server import RedisServer
 
     server = None
     if not redis_url:
