@@ -49,13 +49,8 @@ __all__ = ["build_parser", "main"]
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
-    config = DemoConfig(
-        duration=args.duration,
-        channels=args.channels,
-        workers=args.workers,
-        seed=args.seed,
-        processes=args.processes,
-    )
+    # DemoConfig's first fields, in order: duration, channels, workers, seed, processes.
+    config = DemoConfig(args.duration, args.channels, args.workers, args.seed, args.processes)
     live = not args.no_live and sys.stdout.isatty()
     return run_demo(config, live=live, redis=args.redis, log_level=args.log_level)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = ["make_accounts", "make_v2_accounts", "random_token"]
@@ -33,19 +33,18 @@ def make_accounts(
     Raises:
         ValueError: ``n`` is negative or ``max_jobs`` is an empty sequence.
     """
-    limits = _limits(n, max_jobs)
+    entries = _numbered(lambda i: f"{prefix}{i}", n, max_jobs)
     rng = random.Random(seed)
     server = str(rng.randrange(10**17, 10**18))
-    accounts: dict[str, dict[str, Any]] = {}
-    for i, limit in enumerate(limits):
-        channel = f"{prefix}{i}"
-        accounts[channel] = {
+    return {
+        channel: {
             "server": server,
             "channel": channel,
             "discord": f"discord-token-{rng.getrandbits(96):024x}",
             "maxJobs": limit,
         }
-    return accounts
+        for channel, limit in entries
+    }
 
 
 def make_v2_accounts(
@@ -57,18 +56,24 @@ def make_v2_accounts(
     Raises:
         ValueError: ``n`` is negative or ``max_jobs`` is an empty sequence.
     """
-    limits = _limits(n, max_jobs)
+    entries = _numbered(lambda i: f"user{i}@{domain}", n, max_jobs)
     rng = random.Random(seed)
-    accounts: dict[str, dict[str, Any]] = {}
-    for i, limit in enumerate(limits):
-        email = f"user{i}@{domain}"
-        accounts[email] = {
+    return {
+        email: {
             "email": email,
             "maxJobs": limit,
             "jwt": {"token": f"jwt-token-{rng.getrandbits(96):024x}", "expires": 4102444800},
             "password": f"password-{rng.getrandbits(64):016x}",
         }
-    return accounts
+        for email, limit in entries
+    }
+
+
+def _numbered(
+    key: Callable[[int], str], n: int, max_jobs: int | Sequence[int]
+) -> list[tuple[str, int]]:
+    """``(key(i), its maxJobs)`` for the ``n`` entries of a map."""
+    return [(key(i), limit) for i, limit in enumerate(_limits(n, max_jobs))]
 
 
 def _limits(n: int, max_jobs: int | Sequence[int]) -> list[int]:

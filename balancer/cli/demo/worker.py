@@ -20,7 +20,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import anyio
@@ -179,27 +179,15 @@ class MemoryObserver:
     def snapshot(
         self, stats: BalancerStatistics, elapsed: float, duration: float, workers: int
     ) -> Snapshot:
-        rows = []
-        for channel, counts in self._counts.items():
-            state = stats.channels[channel].state if channel in stats.channels else "removed"
-            rows.append(
-                ChannelRow(
-                    channel=channel,
-                    max_jobs=counts.max_jobs,
-                    in_flight=counts.in_flight,
-                    peak=counts.peak,
-                    waiting=counts.waiting,
-                    ok=counts.ok,
-                    failed=counts.failed,
-                    throttled=counts.throttled,
-                    state=state,
-                )
-            )
+        rows = [
+            # _Counts has every field of ChannelRow but the channel and its state.
+            ChannelRow(channel=channel, state=self._state(stats, channel), **asdict(counts))
+            for channel, counts in self._counts.items()
+        ]
         return Snapshot(
-            rows,
-            elapsed,
-            duration,
-            self.waiting_total,
-            workers,
-            timeouts=self.timeouts,
+            rows, elapsed, duration, self.waiting_total, workers, timeouts=self.timeouts
         )
+
+    @staticmethod
+    def _state(stats: BalancerStatistics, channel: str) -> str:
+        return stats.channels[channel].state if channel in stats.channels else "removed"
