@@ -20,11 +20,12 @@ from typing import Any, Literal
 
 from .errors import AccountMapError
 
-__all__ = ["Account", "ParsedAccounts", "Rejected", "Schema", "Secret", "parse_account_map"]
+__all__ = ["MASK", "Account", "ParsedAccounts", "Rejected", "Schema", "Secret", "parse_account_map"]
 
 Schema = Literal["v1", "v2"]
 
-_MASK = "********"
+#: What every credential prints as: no part of it, not even a prefix.
+MASK = "********"
 
 
 class Secret:
@@ -48,7 +49,7 @@ class Secret:
         return self._value
 
     def __repr__(self) -> str:
-        return f"Secret({_MASK!r})"
+        return f"Secret({MASK!r})"
 
     __str__ = __repr__
 

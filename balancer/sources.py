@@ -26,7 +26,15 @@ import anyio
 import anyio.lowlevel
 import httpx
 
-from .accounts import Account, ParsedAccounts, Rejected, Schema, Secret, parse_account_map
+from .accounts import (
+    MASK,
+    Account,
+    ParsedAccounts,
+    Rejected,
+    Schema,
+    Secret,
+    parse_account_map,
+)
 from .errors import AccountMapError, AuthError, ConfigNotFoundError, SourceError
 
 __all__ = ["AccountSource", "StaticAccountSource", "UseapiAccountSource"]
@@ -184,7 +192,9 @@ class UseapiAccountSource:
     def __repr__(self) -> str:
         base_url = getattr(self, "_base_url", None)
         schema = getattr(self, "_schema", None)
-        return f"UseapiAccountSource(base_url={base_url!r}, schema={schema!r}, token=Secret('********'))"
+        return (
+            f"UseapiAccountSource(base_url={base_url!r}, schema={schema!r}, token=Secret({MASK!r}))"
+        )
 
     def _get_client(self) -> httpx.AsyncClient:
         if self._client is None:

@@ -20,12 +20,17 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from balancer import Balancer
 
 __all__ = [
     "Batch",
     "Ratio",
     "Samples",
     "Settings",
+    "acquire_release",
     "interleave",
     "quiet_logging",
     "ratio_of",
@@ -102,6 +107,20 @@ class Samples:
         """The slowest of ``names`` in each round, against ``base``."""
         rounds = zip(*(self.per_op[n] for n in names), strict=True)
         return ratio_of([max(r) / b for r, b in zip(rounds, self.per_op[base], strict=True)])
+
+
+def acquire_release(lb: Balancer) -> Batch:
+    """``n`` uncontended ``async with lb.acquire(): pass`` cycles in one task."""
+
+    async def run(n: int) -> float:
+        acquire = lb.acquire
+        start = clock()
+        for _ in range(n):
+            async with acquire():
+                pass
+        return clock() - start
+
+    return run
 
 
 async def _calibrate(run: Batch, batch_s: float, max_n: int) -> int:

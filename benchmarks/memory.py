@@ -30,7 +30,7 @@ import anyio.lowlevel
 from balancer import Balancer, ParsedAccounts, StaticAccountSource, parse_account_map
 from balancer.testing import make_accounts
 
-from .harness import Batch, Settings, clock, interleave
+from .harness import Batch, Settings, acquire_release, clock, interleave
 from .naive import NaiveBalancer
 
 if TYPE_CHECKING:
@@ -106,19 +106,9 @@ def _floor_name(loop: str) -> str:
 # -- batches: n uncontended acquire+release cycles in one task ---------------------
 
 
-def _balancer_cm(lb: Balancer) -> Batch:
-    async def run(n: int) -> float:
-        acquire = lb.acquire
-        start = clock()
-        for _ in range(n):
-            async with acquire():
-                pass
-        return clock() - start
+def _await_release(lb: Any) -> Batch:
+    """``await release(await acquire())`` on a Balancer or a NaiveBalancer."""
 
-    return run
-
-
-def _balancer_await(lb: Balancer) -> Batch:
     async def run(n: int) -> float:
         acquire, release = lb.acquire, lb.release
         start = clock()
@@ -135,17 +125,6 @@ def _async_with(limiter: Any) -> Batch:
         for _ in range(n):
             async with limiter:
                 pass
-        return clock() - start
-
-    return run
-
-
-def _naive(nb: NaiveBalancer) -> Batch:
-    async def run(n: int) -> float:
-        acquire, release = nb.acquire, nb.release
-        start = clock()
-        for _ in range(n):
-            await release(await acquire())
         return clock() - start
 
     return run
@@ -177,12 +156,12 @@ async def scenario_channels(loop: str, settings: Settings, report: Report) -> No
         variants: dict[str, Batch] = {
             FLOOR: _async_with(_floor_semaphore(loop, 30)),
             LIMITER: _async_with(anyio.CapacityLimiter(30)),
-            "balancer (await + release)": _balancer_await(lbs[10]),
+            "balancer (await + release)": _await_release(lbs[10]),
         }
         for n in counts:
-            variants[f"{BALANCER} @{n}"] = _balancer_cm(lbs[n])
+            variants[f"{BALANCER} @{n}"] = acquire_release(lbs[n])
             limits = dict.fromkeys((f"ch{i}" for i in range(n)), MAX_JOBS)
-            variants[f"{NAIVE} @{n}"] = _naive(NaiveBalancer(limits, seed=settings.seed))
+            variants[f"{NAIVE} @{n}"] = _await_release(NaiveBalancer(limits, seed=settings.seed))
         samples = await interleave(variants, settings)
 
         report.target(
@@ -244,7 +223,7 @@ async def scenario_channels(loop: str, settings: Settings, report: Report) -> No
         mid = 10_000 if 10_000 in lbs else counts[1]
         stats = await interleave(
             {
-                "acquire+release @10": _balancer_cm(lbs[10]),
+                "acquire+release @10": acquire_release(lbs[10]),
                 "statistics @10": _statistics(lbs[10]),
                 f"statistics @{mid}": _statistics(lbs[mid]),
             },

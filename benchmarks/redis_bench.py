@@ -30,24 +30,18 @@ from typing import TYPE_CHECKING, Any
 from balancer import Balancer, StaticAccountSource
 from balancer.testing import make_accounts
 
-from .harness import Batch, Samples, Settings, clock, interleave, ratio_of
+from .harness import Batch, Samples, Settings, acquire_release, clock, interleave, ratio_of
+from .redis_floor import FLOOR_SOURCE, TRIVIAL
 
 if TYPE_CHECKING:
     from .report import Report
 
-__all__ = ["TRIVIAL_SOURCE", "scenario_redis"]
+__all__ = ["scenario_redis"]
 
 SECTION = "redis"
 MAX_JOBS = 3
 COUNTS_FULL = (10, 100, 1_000, 10_000)
 COUNTS_QUICK = (10, 10_000)
-
-#: The floor script: three trivial commands, one round trip.
-TRIVIAL_SOURCE = """
-redis.call('TIME')
-redis.call('INCR', KEYS[1])
-return redis.call('GET', KEYS[1])
-"""
 
 FLOOR = "2× EVALSHA floor"
 #: RedisBackend's default round-trip timeout, given to the floor's client too.
@@ -61,22 +55,12 @@ def _redis_url() -> str:
     """Start (once per process) a throwaway redis-server; return its URL."""
     global _server
     if _server is None:
-        from tests._redis import RedisServer
+        from balancer.testing import RedisServer
 
         _server = RedisServer().start()
         atexit.register(_server.stop)
     url: str = _server.url
     return url
-
-
-def _trivial_source() -> str:
-    # The Redis engineer's copy, when present, so both benchmarks share one floor.
-    try:
-        from balancer.backends._redis_scripts import TRIVIAL
-    except ImportError:
-        return TRIVIAL_SOURCE
-    source: str = TRIVIAL.source
-    return source
 
 
 # -- the floor ---------------------------------------------------------------------
@@ -85,7 +69,7 @@ def _trivial_source() -> str:
 async def _floor_client(loop: str, url: str, stack: AsyncExitStack) -> tuple[Any, Batch]:
     """A client of the backend's library on this loop, and the two-EVALSHA batch."""
     key = f"bench-floor-{uuid.uuid4().hex[:8]}"
-    source = _trivial_source()
+    source = FLOOR_SOURCE
     if loop == "asyncio":
         import redis.asyncio
 
@@ -177,7 +161,7 @@ def _decomposition(lb: Balancer) -> dict[str, Batch]:
         backend: Any = lb._backend
         client, keys = backend._client, list(backend._keys)
         backend._common(backend._epoch)
-        acquire_script, release_script, trivial = scripts.ACQUIRE, scripts.RELEASE, scripts.TRIVIAL
+        acquire_script, release_script = scripts.ACQUIRE, scripts.RELEASE
     except Exception:  # noqa: BLE001 - internals moved: no decomposition
         return {}
     counter = [f"bench-counter-{uuid.uuid4().hex[:8]}", *keys[1:]]
@@ -192,8 +176,8 @@ def _decomposition(lb: Balancer) -> dict[str, Batch]:
     async def real_args(n: int) -> float:
         start = clock()
         for _ in range(n):
-            await client.run(trivial, counter, acquire_args("x"))
-            await client.run(trivial, counter, release_args("x"))
+            await client.run(TRIVIAL, counter, acquire_args("x"))
+            await client.run(TRIVIAL, counter, release_args("x"))
         return clock() - start
 
     async def real_lua(n: int) -> float:
@@ -258,18 +242,6 @@ async def _server_side(
 # -- the scenario ----------------------------------------------------------------------
 
 
-def _balancer_batch(lb: Balancer) -> Batch:
-    async def run(n: int) -> float:
-        acquire = lb.acquire
-        start = clock()
-        for _ in range(n):
-            async with acquire():
-                pass
-        return clock() - start
-
-    return run
-
-
 async def scenario_redis(loop: str, settings: Settings, report: Report) -> None:
     """Redis rows: see the module docstring."""
     # A round trip costs ~100x an in-process acquire: bigger batches, more rounds.
@@ -325,7 +297,7 @@ async def scenario_redis(loop: str, settings: Settings, report: Report) -> None:
                 except Exception as exc:  # noqa: BLE001
                     backend_error = f"RedisBackend failed to start: {_why(exc)}"
                     break
-                variants[f"balancer @{n}"] = _balancer_batch(lb)
+                variants[f"balancer @{n}"] = acquire_release(lb)
                 if n == 10 and not settings.quick:
                     variants.update(_decomposition(lb))
         if backend_error is not None:

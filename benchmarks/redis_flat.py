@@ -1,7 +1,7 @@
 """
 Show that one acquire + release on ``RedisBackend`` costs the same at 10 and 10,000 channels.
 
-Starts its own ``redis-server`` (see ``tests/_redis.py``), publishes maps of 10,
+Starts its own ``redis-server`` (``balancer.testing.RedisServer``), publishes maps of 10,
 1,000 and 10,000 channels in separate namespaces, then times acquire + release
 pairs in interleaved rounds (so drift hits every size alike) and prints the
 median per pair, its ratio to the 10-channel figure, and its ratio to a floor:
@@ -25,10 +25,10 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from balancer.backends import _redis_scripts as scripts
 from balancer.backends.base import BackendConfig
 from balancer.backends.redis import RedisBackend
-from tests._redis import RedisServer
+from balancer.testing import RedisServer
+from benchmarks.redis_floor import TRIVIAL
 
 SIZES = (10, 1_000, 10_000)
 SELECTIONS = ("random", "weighted", "p2c")
@@ -83,12 +83,12 @@ async def time_pairs(backend: Any, prefix: str, pairs: int) -> list[float]:
 async def time_floor(backend: Any, pairs: int) -> list[float]:
     client = backend._client.inner
     keys = [f"{{{backend.namespace}}}:floor"]
-    await client.run(scripts.TRIVIAL, keys, [])  # load it once
+    await client.run(TRIVIAL, keys, [])  # load it once
     samples = []
     for _ in range(pairs):
         started = time.perf_counter()
-        await client.run(scripts.TRIVIAL, keys, [])
-        await client.run(scripts.TRIVIAL, keys, [])
+        await client.run(TRIVIAL, keys, [])
+        await client.run(TRIVIAL, keys, [])
         samples.append(time.perf_counter() - started)
     return samples
 

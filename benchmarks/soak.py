@@ -5,7 +5,7 @@ The same fleet and fault schedule as ``tests/chaos`` (4 worker processes on
 asyncio and trio, one throwaway redis-server, the fake upstream; upstream
 faults in turn, the map changing every 1-2 s, a worker SIGKILLed and Redis
 restarted empty at intervals, clients cancelling waits and jobs), checked by
-the same independent observer (:mod:`tests.chaos.fleet` states its rules).
+the same independent observer (:mod:`benchmarks.fleet` states its rules).
 For release checks; not part of CI::
 
     python -m benchmarks.soak                  # 10 minutes
@@ -28,8 +28,9 @@ from pathlib import Path
 
 import anyio
 
-from tests._redis import RedisServer
-from tests.chaos.fleet import FleetConfig, Observer, Report, run_fleet
+from balancer.testing import RedisServer
+
+from .fleet import FleetConfig, Observer, Report, run_fleet
 
 
 def _live(report: Report, observer: Observer) -> None:

@@ -69,7 +69,7 @@ def redis_url() -> Iterator[str]:
     if os.environ.get("REDIS_URL"):
         yield os.environ["REDIS_URL"]
         return
-    from balancer._redis_server import RedisServer
+    from balancer.testing import RedisServer
 
     with RedisServer() as server:
         yield server.url

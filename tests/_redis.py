@@ -32,11 +32,10 @@ import anyio.to_thread
 import pytest
 
 from balancer import Balancer, StaticAccountSource
-from balancer._redis_server import RedisServer, find_redis_server
 from balancer.backends._redis_client import connect, current_library
 from balancer.backends._redis_scripts import Script
 from balancer.backends.redis import RedisBackend
-from balancer.testing import make_accounts
+from balancer.testing import RedisServer, find_redis_server, make_accounts
 
 __all__ = [
     "RedisServer",
@@ -48,7 +47,7 @@ __all__ = [
 ]
 
 
-# The server helper lives in the package, where `balancer demo --redis` uses it too.
+# The server itself is balancer.testing.redis_server, shared with the demo and benchmarks.
 
 
 def dump_redis(url: str) -> list[tuple[bytes, str, object]]:

@@ -31,7 +31,7 @@ from balancer import (
     SourceError,
     StaticAccountSource,
 )
-from balancer.testing import make_accounts
+from balancer.testing import FakeClock, make_accounts
 
 # -- helpers -----------------------------------------------------------------
 
@@ -42,19 +42,6 @@ def raw(limits: dict[str, int], *, token: str = "tok") -> dict[str, dict[str, An
         channel: {"server": "1", "channel": channel, "discord": f"{token}-{channel}", "maxJobs": n}
         for channel, n in limits.items()
     }
-
-
-class FakeClock:
-    """A monotonic clock for the memory backend that only moves when told to."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class FlakySource:

@@ -292,7 +292,7 @@ def test_log_level_before_or_after_the_command() -> None:
 class TestDemoVerdict:
     @staticmethod
     def result(peak: int, leaked: int = 0):
-        from balancer._demo import ChannelRow, RunResult, Snapshot
+        from balancer.cli.demo.model import ChannelRow, RunResult, Snapshot
 
         row = ChannelRow("ch0", 2, 0, peak, 0, 5, 1, 1, "active")
         final = Snapshot([row], elapsed=1.0, duration=1.0, waiting=0, workers=3)
@@ -302,8 +302,8 @@ class TestDemoVerdict:
         self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:
         """A peak above maxJobs (or a leaked slot) fails the report and the command."""
-        from balancer import _demo_local
-        from balancer._demo_view import plain_report
+        from balancer.cli.demo import local as demo_local
+        from balancer.cli.demo.view import plain_report
 
         bad = self.result(peak=3)
         assert "FAIL: LIMIT EXCEEDED: ch0 peak 3 > maxJobs 2" in plain_report(bad)
@@ -313,5 +313,5 @@ class TestDemoVerdict:
         async def fake_run(config: object, *, live: bool) -> object:
             return bad
 
-        monkeypatch.setattr(_demo_local, "run_local", fake_run)
+        monkeypatch.setattr(demo_local, "run_local", fake_run)
         assert cli.main(["demo", "--no-live"]) == 1

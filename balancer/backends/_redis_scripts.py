@@ -79,7 +79,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-__all__ = ["ACQUIRE", "KEY_NAMES", "RELEASE", "SYNC", "TRIVIAL", "Script", "keys_for"]
+__all__ = ["ACQUIRE", "KEY_NAMES", "RELEASE", "SYNC", "Script", "keys_for"]
 
 #: The names of the keys; scripts declare only the first (``KEYS[1]``, ``P:meta``).
 KEY_NAMES = (
@@ -571,16 +571,5 @@ return finish({
   redis.call('HGETALL', MAX), redis.call('HGETALL', INF),
   redis.call('SMEMBERS', DRAIN), redis.call('ZRANGE', COOL, 0, -1, 'WITHSCORES'),
 })
-""",
-)
-
-#: The floor the benchmark compares with: a script of three trivial commands.
-TRIVIAL = Script.of(
-    "trivial",
-    r"""
--- KEYS[1] a counter; return: its new value
-redis.call('TIME')
-redis.call('INCR', KEYS[1])
-return redis.call('GET', KEYS[1])
 """,
 )

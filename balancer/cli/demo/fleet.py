@@ -36,12 +36,14 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from ._demo import ChannelRow, DemoConfig, RunResult, Snapshot, run_worker
-from ._demo_view import Presenter
-from .accounts import Secret
-from .balancer import Balancer
-from .sources import UseapiAccountSource
-from .testing import FakeUseapi, make_accounts, random_token
+from ...accounts import Secret
+from ...balancer import Balancer
+from ...sources import UseapiAccountSource
+from ..console import error
+from ..logs import configure_logging
+from .model import ChannelRow, DemoConfig, RunResult, Snapshot, demo_upstream
+from .view import Presenter
+from .worker import run_worker
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -49,6 +51,8 @@ if TYPE_CHECKING:
 
     from redis import Redis
     from redis.asyncio import Redis as AsyncRedis
+
+    from ...testing import FakeUseapi
 
 __all__ = ["FleetError", "run_fleet", "worker_main"]
 
@@ -87,7 +91,7 @@ class FleetJob:
 
 
 class RedisObserver:
-    """An :class:`~balancer._demo.Observer` that counts in Redis, fleet-wide."""
+    """An :class:`~balancer.cli.demo.worker.Observer` that counts in Redis, fleet-wide."""
 
     def __init__(self, client: AsyncRedis, namespace: str, cooldown: float) -> None:
         self._client = client
@@ -125,8 +129,6 @@ class RedisObserver:
 
 def worker_main(job: FleetJob, log_queue: Queue[str]) -> None:
     """Entry point of a worker process; its log lines go to the parent through ``log_queue``."""
-    from .cli import configure_logging
-
     configure_logging(job.log_level, sink=log_queue.put)
     try:
         anyio.run(_worker, job)
@@ -137,7 +139,7 @@ def worker_main(job: FleetJob, log_queue: Queue[str]) -> None:
 async def _worker(job: FleetJob) -> None:
     import redis.asyncio
 
-    from .backends.redis import RedisBackend
+    from ...backends.redis import RedisBackend
 
     client = redis.asyncio.Redis.from_url(job.redis_url.reveal())
     observer = RedisObserver(client, job.namespace, job.config.cooldown)
@@ -175,7 +177,7 @@ def run_fleet(
         import redis
     except ImportError:
         raise FleetError("--redis needs the redis extra: pip install 'balancer[redis]'") from None
-    from ._redis_server import RedisServer
+    from ...testing.redis_server import RedisServer
 
     server = None
     if not redis_url:
@@ -202,10 +204,9 @@ def run_fleet(
 def _run_fleet(
     config: DemoConfig, client: Redis, redis_url: str, *, live: bool, log_level: str
 ) -> RunResult:
-    raw = make_accounts(config.channels, max_jobs=config.limits, seed=config.seed or 0)
-    with FakeUseapi(raw, token=random_token("demo-api-token-")) as fake:
+    upstream, limits = demo_upstream(config)
+    with upstream as fake:
         fleet = _Fleet(config, client, redis_url, fake, log_level)
-        limits = {channel: int(entry["maxJobs"]) for channel, entry in raw.items()}
         title = (
             f"balancer demo --redis · {len(fleet.procs)} processes × ~{fleet.shares[0]} "
             f"workers · {config.channels} channels"
@@ -367,7 +368,7 @@ def _snapshot(
 
 async def _fleet_in_flight(fake: FakeUseapi, redis_url: str, namespace: str) -> int:
     """Slots still held fleet-wide, as a fresh balancer on the namespace sees them."""
-    from .backends.redis import RedisBackend
+    from ...backends.redis import RedisBackend
 
     backend = RedisBackend(redis_url, namespace=namespace)
     async with Balancer(fake.source(), backend=backend) as lb:
@@ -383,4 +384,4 @@ def _delete_namespace(client: Redis, namespace: str) -> None:
         if keys:
             client.delete(*keys)
     except RedisError as exc:
-        sys.stderr.write(f"balancer: could not clean up namespace {namespace}: {exc}\n")
+        error(f"could not clean up namespace {namespace}: {exc}")

@@ -1,5 +1,5 @@
 """
-Test helpers: a fake useapi.net account API, and account maps to feed it.
+A fake useapi.net account API for tests: :class:`FakeUseapi`.
 
 :class:`FakeUseapi` answers the two account endpoints the balancer reads
 (``GET /v1/pixverse/account`` and ``GET /v2/pixverse/accounts``) the way
@@ -33,110 +33,26 @@ from __future__ import annotations
 
 import hmac
 import json
-import random
-import secrets
-import socket
 import threading
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any, NamedTuple, Self
 
 import anyio
 import anyio.to_thread
 import httpx
 
-from .sources import UseapiAccountSource
+from ..accounts import MASK
+from ..sources import UseapiAccountSource
+from ._http import Reply, Server
 
-__all__ = [
-    "V1_PATH",
-    "V2_PATH",
-    "FakeUseapi",
-    "LoggedRequest",
-    "make_accounts",
-    "make_v2_accounts",
-    "random_token",
-]
+__all__ = ["NOT_CONFIGURED", "V1_PATH", "V2_PATH", "FakeUseapi", "LoggedRequest"]
 
 V1_PATH = "/v1/pixverse/account"
 V2_PATH = "/v2/pixverse/accounts"
-_MASK = "********"
 NOT_CONFIGURED = (
     b"Configuration not found. To configure an account use POST /v1/pixverse/account/<channel>"
 )
-
-
-def random_token(prefix: str = "discord-token-", nbytes: int = 16) -> str:
-    """Return a fresh random credential, e.g. ``"discord-token-9f86d0..."``."""
-    return prefix + secrets.token_hex(nbytes)
-
-
-def make_accounts(
-    n: int, *, max_jobs: int | Sequence[int] = 3, prefix: str = "ch", seed: int = 0
-) -> dict[str, dict[str, Any]]:
-    """
-    Build a raw v1 account map (the JSON useapi returns) with ``n`` channels.
-
-    Channels are named ``f"{prefix}{i}"``; each gets a distinctive fake Discord
-    token (``"discord-token-<hex>"``) and a server id, repeatable for a given ``seed``.
-
-    Args:
-        n: how many channels.
-        max_jobs: every channel's ``maxJobs``, or a sequence cycled over the channels.
-        prefix: the channel-id prefix.
-        seed: seeds the tokens and server ids.
-
-    Raises:
-        ValueError: ``n`` is negative or ``max_jobs`` is an empty sequence.
-    """
-    limits = _limits(n, max_jobs)
-    rng = random.Random(seed)
-    server = str(rng.randrange(10**17, 10**18))
-    accounts: dict[str, dict[str, Any]] = {}
-    for i, limit in enumerate(limits):
-        channel = f"{prefix}{i}"
-        accounts[channel] = {
-            "server": server,
-            "channel": channel,
-            "discord": f"discord-token-{rng.getrandbits(96):024x}",
-            "maxJobs": limit,
-        }
-    return accounts
-
-
-def make_v2_accounts(
-    n: int, *, max_jobs: int | Sequence[int] = 3, domain: str = "example.com", seed: int = 0
-) -> dict[str, dict[str, Any]]:
-    """
-    Build a raw v2 account map (keyed by email, with a jwt and a password) with ``n`` accounts.
-
-    Raises:
-        ValueError: ``n`` is negative or ``max_jobs`` is an empty sequence.
-    """
-    limits = _limits(n, max_jobs)
-    rng = random.Random(seed)
-    accounts: dict[str, dict[str, Any]] = {}
-    for i, limit in enumerate(limits):
-        email = f"user{i}@{domain}"
-        accounts[email] = {
-            "email": email,
-            "maxJobs": limit,
-            "jwt": {"token": f"jwt-token-{rng.getrandbits(96):024x}", "expires": 4102444800},
-            "password": f"password-{rng.getrandbits(64):016x}",
-        }
-    return accounts
-
-
-def _limits(n: int, max_jobs: int | Sequence[int]) -> list[int]:
-    if n < 0:
-        raise ValueError(f"n must be >= 0, not {n}")
-    if isinstance(max_jobs, int):
-        return [max_jobs] * n
-    if not max_jobs:
-        raise ValueError("max_jobs must not be an empty sequence")
-    return [max_jobs[i % len(max_jobs)] for i in range(n)]
 
 
 class LoggedRequest(NamedTuple):
@@ -147,21 +63,13 @@ class LoggedRequest(NamedTuple):
     headers: dict[str, str]
 
 
-@dataclass(frozen=True, slots=True)
-class _Reply:
-    status: int
-    headers: tuple[tuple[str, str], ...]
-    body: bytes
-    delay: float
-
-
-def _json_reply(status: int, payload: object, delay: float) -> _Reply:
+def _json_reply(status: int, payload: object, delay: float) -> Reply:
     body = json.dumps(payload).encode()
-    return _Reply(status, (("Content-Type", "application/json"),), body, delay)
+    return Reply(status, (("Content-Type", "application/json"),), body, delay)
 
 
-def _text_reply(status: int, body: bytes, delay: float) -> _Reply:
-    return _Reply(status, (("Content-Type", "text/plain; charset=utf-8"),), body, delay)
+def _text_reply(status: int, body: bytes, delay: float) -> Reply:
+    return Reply(status, (("Content-Type", "text/plain; charset=utf-8"),), body, delay)
 
 
 def _mask_headers(headers: Mapping[str, str]) -> dict[str, str]:
@@ -169,7 +77,7 @@ def _mask_headers(headers: Mapping[str, str]) -> dict[str, str]:
     for name, value in headers.items():
         if name.lower() in ("authorization", "proxy-authorization", "cookie"):
             scheme = value.split(" ", 1)[0] if " " in value else ""
-            value = f"{scheme} {_MASK}" if scheme else _MASK
+            value = f"{scheme} {MASK}" if scheme else MASK
         masked[name.lower()] = value
     return masked
 
@@ -213,11 +121,11 @@ class FakeUseapi:
         self._lock = threading.Lock()
         self._accounts = None if accounts is None else dict(accounts)
         self._v2_accounts = None if v2_accounts is None else dict(v2_accounts)
-        self._fault: _Reply | None = None
+        self._fault: Reply | None = None
         self._delay = 0.0
         self._requests = 0
         self._log: list[LoggedRequest] = []
-        self._server: _Server | None = None
+        self._server: Server | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._stopped = threading.Event()
@@ -256,7 +164,7 @@ class FakeUseapi:
                     reason = f"HTTP {code}"
                 reply = _json_reply(code, {"error": reason, "code": code}, 0.0)
         else:
-            reply = _Reply(code, (("Content-Type", "application/json"),), body, 0.0)
+            reply = Reply(code, (("Content-Type", "application/json"),), body, 0.0)
         with self._lock:
             self._fault = reply
 
@@ -267,7 +175,7 @@ class FakeUseapi:
     def set_redirect(self, location: str, status: int = 302) -> None:
         """Answer every following request with a redirect to ``location``."""
         with self._lock:
-            self._fault = _Reply(status, (("Location", location),), b"", 0.0)
+            self._fault = Reply(status, (("Location", location),), b"", 0.0)
 
     def set_delay(self, seconds: float) -> None:
         """Wait this long before answering each request (0 for no delay)."""
@@ -296,7 +204,7 @@ class FakeUseapi:
 
     # -- the shared logic ----------------------------------------------------
 
-    def _respond(self, method: str, path: str, headers: Mapping[str, str]) -> _Reply:
+    def _respond(self, method: str, path: str, headers: Mapping[str, str]) -> Reply:
         path = path.split("?", 1)[0]
         with self._lock:
             self._log.append(LoggedRequest(method, path, _mask_headers(headers)))
@@ -306,9 +214,9 @@ class FakeUseapi:
             self._requests += 1
             if self._fault is not None:
                 fault = self._fault
-                return _Reply(fault.status, fault.headers, fault.body, delay)
+                return Reply(fault.status, fault.headers, fault.body, delay)
             if method != "GET":
-                return _Reply(405, (("Allow", "GET"),), b"", delay)
+                return Reply(405, (("Allow", "GET"),), b"", delay)
             authorization = next(
                 (value for name, value in headers.items() if name.lower() == "authorization"), ""
             )
@@ -376,7 +284,7 @@ class FakeUseapi:
         if self._server is not None:
             raise RuntimeError("FakeUseapi is already running")
         self._stopping.clear()
-        server = _Server(("127.0.0.1", self._port), _Handler, self)
+        server = Server(("127.0.0.1", self._port), self._respond, self._stopping)
         self._server = server
         self._stopped.clear()
         self._thread = threading.Thread(
@@ -415,96 +323,17 @@ class FakeUseapi:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     async def __aenter__(self) -> Self:
         return self.start()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await anyio.to_thread.run_sync(self.stop)
 
     def __repr__(self) -> str:
         where = self.base_url if self._server is not None else "stopped"
         v1 = "none" if self._accounts is None else len(self._accounts)
         v2 = "none" if self._v2_accounts is None else len(self._v2_accounts)
-        return f"FakeUseapi({where}, v1_accounts={v1}, v2_accounts={v2}, token={_MASK!r})"
-
-
-class _Server(ThreadingHTTPServer):
-    """A threading HTTP server that knows its fake and can drop live connections."""
-
-    daemon_threads = True
-
-    def __init__(
-        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], fake: FakeUseapi
-    ) -> None:
-        self.fake = fake
-        self.connections: set[socket.socket] = set()
-        self.connections_lock = threading.Lock()
-        super().__init__(address, handler)
-
-    def close_connections(self) -> None:
-        with self.connections_lock:
-            connections = list(self.connections)
-        for connection in connections:
-            try:
-                connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """Stay quiet: a client that timed out and hung up is an expected event here."""
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"
-    # Headers and body go out in separate writes; with Nagle's algorithm and
-    # delayed ACKs the body waits ~40 ms on loopback for every request.
-    disable_nagle_algorithm = True
-
-    def setup(self) -> None:
-        super().setup()
-        with self.server.connections_lock:
-            self.server.connections.add(self.connection)
-
-    def finish(self) -> None:
-        with self.server.connections_lock:
-            self.server.connections.discard(self.connection)
-        try:
-            super().finish()
-        except OSError:
-            pass
-
-    def _serve(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length:
-            self.rfile.read(length)
-        fake = self.server.fake
-        reply = fake._respond(self.command, self.path, dict(self.headers.items()))
-        if reply.delay and fake._stopping.wait(reply.delay):
-            self.close_connection = True
-            return
-        self.send_response(reply.status)
-        for name, value in reply.headers:
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(reply.body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(reply.body)
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _serve
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Keep test output clean."""
+        return f"FakeUseapi({where}, v1_accounts={v1}, v2_accounts={v2}, token={MASK!r})"
