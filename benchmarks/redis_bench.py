@@ -72,7 +72,7 @@ def _redis_url() -> str:
 def _trivial_source() -> str:
     # The Redis engineer's copy, when present, so both benchmarks share one floor.
     try:
-        from balancer.backends._redis_scripts import TRIVIAL
+        from balancer.backends.redis.scripts import TRIVIAL
     except ImportError:
         return TRIVIAL_SOURCE
     source: str = TRIVIAL.source
@@ -172,7 +172,7 @@ def _decomposition(lb: Balancer) -> dict[str, Batch]:
     rows are skipped.
     """
     try:
-        from balancer.backends import _redis_scripts as scripts
+        from balancer.backends.redis import scripts
 
         backend: Any = lb._backend
         client, keys = backend._client, list(backend._keys)

@@ -25,9 +25,8 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from balancer.backends import _redis_scripts as scripts
 from balancer.backends.base import BackendConfig
-from balancer.backends.redis import RedisBackend
+from balancer.backends.redis import RedisBackend, scripts
 from tests._redis import RedisServer
 
 SIZES = (10, 1_000, 10_000)

@@ -33,9 +33,9 @@ import pytest
 
 from balancer import Balancer, StaticAccountSource
 from balancer._redis_server import RedisServer, find_redis_server
-from balancer.backends._redis_client import connect, current_library
-from balancer.backends._redis_scripts import Script
 from balancer.backends.redis import RedisBackend
+from balancer.backends.redis.client import connect, current_library
+from balancer.backends.redis.scripts import Script
 from balancer.testing import make_accounts
 
 __all__ = [

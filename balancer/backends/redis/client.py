@@ -24,13 +24,13 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import anyio
 
-from ..accounts import Secret
-from ..errors import BackendUnavailableError
+from ...accounts import Secret
+from ...errors import BackendUnavailableError
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup, TaskStatus
 
-    from ._redis_scripts import Script
+    from .scripts import Script
 
 __all__ = [
     "Arg",

@@ -4,7 +4,7 @@ The fleet-wide backend: in-flight counts live in Redis, shared by every process.
 Every process (on any host) that uses the same Redis and namespace shares one
 set of counts, so ``max_jobs`` holds across the whole fleet. Each acquire
 attempt and each release is one round trip running one atomic Lua script
-(:mod:`._redis_scripts` describes the keys and the scripts); renewal of all of
+(:mod:`.scripts` describes the keys and the scripts); renewal of all of
 this balancer's leases, a map change and a resynchronisation are one more
 script, ``SYNC``.
 
@@ -69,10 +69,18 @@ import anyio
 import anyio.lowlevel
 import structlog
 
-from ..accounts import Secret
-from ..errors import BackendUnavailableError
-from . import _redis_scripts as scripts
-from ._redis_client import (
+from ...accounts import Secret
+from ...errors import BackendUnavailableError
+from ..base import (
+    MAX_JOBS_CAP,
+    BackendConfig,
+    ChannelCounts,
+    ReleaseOutcome,
+    ReleaseResult,
+    RenewResult,
+)
+from . import scripts
+from .client import (
     Arg,
     ScriptClient,
     connect,
@@ -82,19 +90,11 @@ from ._redis_client import (
     is_redis_py_client,
     mask_url,
 )
-from .base import (
-    MAX_JOBS_CAP,
-    BackendConfig,
-    ChannelCounts,
-    ReleaseOutcome,
-    ReleaseResult,
-    RenewResult,
-)
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup, TaskStatus
 
-    from ..statistics import ChannelState
+    from ...statistics import ChannelState
 
 __all__ = ["RedisBackend"]
 
@@ -202,7 +202,7 @@ class RedisBackend:
         self._connect_timeout = connect_timeout
         self._grace = recovery_grace
         # NOTE: scripts declare P:meta only and derive the other keys from it
-        # (one hash tag: one Redis Cluster slot); see _redis_scripts.
+        # (one hash tag: one Redis Cluster slot); see scripts.
         self._keys = scripts.keys_for(namespace)[:1]
         self._wake_channel = f"{{{namespace}}}:wake"
         self._client: ScriptClient | None = None
