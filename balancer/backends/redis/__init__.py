@@ -8,7 +8,8 @@ Imports point down, never up::
     leases    this balancer's lease book: live leases and releases still owed
     view      the per-channel figures as of the last round trip, server clock
     client    one interface over redis-py (asyncio) and coredis (trio)
-    scripts   the Lua scripts and the key layout they share
+    scripts   the Lua scripts, the key layout they share, their replies
+    lua       the Lua every script starts with (helpers, upkeep, one release)
 
 Only the modules of this package import ``redis`` or ``coredis``, and only
 when a client is built.

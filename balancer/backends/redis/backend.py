@@ -8,16 +8,13 @@ attempt and each release is one round trip running one atomic Lua script
 this balancer's leases, a map change and a resynchronisation are one more
 script, ``SYNC``.
 
+:class:`RedisBackend` runs the round trips; what it knows between them lives
+in its parts: the lease book (:mod:`.leases`: lease expiry, releases in
+doubt), the channel view (:mod:`.view`: figures and the server's clock) and
+the background tasks (:mod:`.listener`: wake-ups).
+
 Design notes:
 
-* **Leases expire** on the server's clock: a process killed with SIGKILL stops
-  renewing and its slots come back within ``lease_ttl``, reclaimed lazily by
-  whichever script runs next once one is due (``P:meta.due``; at most 16 per
-  call, so no call walks the namespace). The balancer calls
-  :meth:`RedisBackend.renew` about every ``lease_ttl / 3``; one ``SYNC``
-  extends every live lease, never re-creates a released one (a release leaves
-  a tombstone whenever a renewal could still carry the lease), and reports the
-  lost ones.
 * **Data loss** (Redis restarted without persistence, a failover that missed
   writes): scripts check an epoch id written at start-up. On a mismatch the
   backend adopts (or creates) the new epoch, re-publishes its map and
@@ -26,110 +23,53 @@ Design notes:
   seconds after a loss is detected, so other processes can re-assert theirs
   first. A lease missing without a tombstone while its holder knows it is
   unexpired is re-asserted the same way at the next renewal.
-* **Wake-ups**: scripts publish on ``{namespace}:wake`` when a slot frees, a
-  cooldown ends or the map grows; a listener task calls ``notify`` on each
-  message, and reconnects (then resynchronises and notifies) after a failure.
-  The balancer's fallback poll and :meth:`RedisBackend.next_wakeup` (the next
-  cooldown end, or the next lease expiry that may free a dead holder's slot)
-  cover lost messages.
 * **Faults**: every client failure leaves as
   :class:`~balancer.errors.BackendUnavailableError` within ``timeout``
   seconds; ``backend_unavailable`` / ``backend_recovered`` are logged once per
   transition. A lease whose grant or release is in doubt (timeout,
-  cancellation) is released as ``"abandoned"`` by the next ``SYNC``.
+  cancellation) is released as ``"abandoned"`` by the next ``SYNC``; a
+  release that failed is retried by it (:mod:`.leases`).
 
 Open questions:
 
-* XX a lease released elsewhere just before a data loss that also lost its
-  tombstone is re-asserted by its holder, which keeps renewing it until the
-  holder releases it or exits.
 * XX a process that *opens* first after a data loss creates the new epoch
   without the grace period (it cannot tell a lost namespace from a new one);
   it may grant slots that the others re-assert a moment later.
-* XX Redis Cluster: all keys share one hash tag; scripts declare one of them
-  (``P:meta``, which routes the call to that slot) and name the others, which
-  live in the same slot. Only a single server is tested.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import math
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal, cast
-from urllib.parse import urlsplit
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
-import anyio.lowlevel
 import structlog
 
-from ...accounts import Secret
 from ...errors import BackendUnavailableError
-from ..base import (
-    MAX_JOBS_CAP,
-    BackendConfig,
-    ChannelCounts,
-    ReleaseOutcome,
-    ReleaseResult,
-    RenewResult,
-)
+from ..base import MAX_JOBS_CAP, ReleaseResult
 from . import scripts
-from .client import (
-    Arg,
-    ScriptClient,
-    connect,
-    current_library,
-    describe,
-    is_coredis_client,
-    is_redis_py_client,
-    mask_url,
-)
+from .client import Arg, ScriptClient, connect, current_library, describe, target_of
+from .leases import LeaseBook, Releases, Renewals
+from .listener import Listener
+from .scripts import RELEASE_STATUS, text
+from .view import ChannelView
 
 if TYPE_CHECKING:
-    from anyio.abc import TaskGroup, TaskStatus
+    from anyio.abc import TaskGroup
 
-    from ...statistics import ChannelState
+    from ...accounts import Secret
+    from ..base import BackendConfig, ChannelCounts, ReleaseOutcome, RenewResult
 
 __all__ = ["RedisBackend"]
 
 logger = structlog.get_logger(__name__)
 
-_STATES: tuple[ChannelState, ...] = ("active", "draining", "cooling")
-_RELEASE_STATUS: tuple[Literal["unknown", "released", "lost"], ...] = (
-    "unknown",
-    "released",
-    "lost",
-)
-#: Seconds added to a server-announced instant before waking for it (clock offset error).
-_WAKE_MARGIN = 0.01
-#: Seconds between reconnection attempts of the listener (doubling up to the max).
-_BACKOFF_MIN, _BACKOFF_MAX = 0.05, 0.5
 #: How many times an operation is retried after resynchronising a new epoch.
 _EPOCH_RETRIES = 3
-
-
-@dataclass(slots=True)
-class _Held:
-    """A live lease of this balancer: its channel and when it expires, by our clock."""
-
-    channel: str
-    deadline: float
-
-
-@dataclass(slots=True)
-class _Channel:
-    """A channel's figures as of the last round trip that returned them."""
-
-    max_jobs: int
-    in_flight: int
-    state: ChannelState
-    cooling_until: float  # local monotonic time; 0.0 when not cooling
 
 
 class RedisBackend:
@@ -156,13 +96,6 @@ class RedisBackend:
         ValueError: a bad URL scheme, namespace or timeout.
     """
 
-    # Invariants:
-    #   a lease id is in ``_live`` from its grant until its release, or until a
-    #   sync reports it released elsewhere or lost (then it is in ``_lost`` /
-    #   ``_released`` until the next renew() returns it).
-    #   ``_pending`` and ``_orphans`` hold leases whose release is in doubt;
-    #   they are never in ``_live``.
-
     immediate = False
     shared = True
     default_lease_ttl: float | None = 60.0
@@ -181,22 +114,7 @@ class RedisBackend:
         if timeout <= 0 or connect_timeout <= 0 or recovery_grace < 0:
             raise ValueError("timeouts must be positive and recovery_grace not negative")
         self._target: Secret | object
-        if isinstance(url_or_client, str):
-            scheme = urlsplit(url_or_client).scheme
-            if scheme not in ("redis", "rediss", "unix"):
-                raise ValueError(
-                    "unsupported Redis URL scheme (use redis://, rediss:// or unix://)"
-                )
-            self._target = Secret(url_or_client)
-            self._shown = mask_url(url_or_client)
-        elif is_redis_py_client(url_or_client) or is_coredis_client(url_or_client):
-            self._target = url_or_client
-            self._shown = f"<{type(url_or_client).__module__}.{type(url_or_client).__name__}>"
-        else:
-            raise TypeError(
-                "RedisBackend takes a Redis URL, a redis.asyncio.Redis or a coredis.Redis, "
-                f"not {type(url_or_client).__name__}"
-            )
+        self._target, self._shown = target_of(url_or_client)
         self.namespace = namespace
         self._timeout = timeout
         self._connect_timeout = connect_timeout
@@ -207,10 +125,7 @@ class RedisBackend:
         self._wake_channel = f"{{{namespace}}}:wake"
         self._client: ScriptClient | None = None
         self._config: BackendConfig | None = None
-        self._notify: Callable[[], None] = _noop
-        self._scopes: list[anyio.CancelScope] = []
-        self._background = 0  # background tasks still running
-        self._idle = anyio.Event()  # set when _background drops to 0
+        self._listener: Listener | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -218,20 +133,9 @@ class RedisBackend:
         self._healthy = True
         self._map: dict[str, int] | None = None
         self._digest = ""
-        self._live: dict[str, _Held] = {}
-        self._pending: dict[str, tuple[ReleaseOutcome, float]] = {}
-        self._orphans: dict[str, float] = {}
-        self._lost: set[str] = set()
-        self._released: set[str] = set()
-        self._channels: dict[str, _Channel] = {}
-        self._view: Mapping[str, ChannelCounts] | None = None
-        self._offset = 0.0  # server seconds minus local monotonic seconds
-        self._next_expiry: float | None = None
-        self._next_cool_end: float | None = None
-        self._cooling_names: set[str] = set()
-        self._settle_until = 0.0
+        self._leases = LeaseBook()
+        self._view = ChannelView()
         self._resync_lock = anyio.Lock()
-        self._check = anyio.Event()
         self._syncing = 0  # syncs in flight
         self._sync_doubt_until = 0.0  # a failed sync may still run on the server until then
         # Script arguments fixed for a given epoch and config, pre-encoded.
@@ -262,30 +166,27 @@ class RedisBackend:
             connect_timeout=self._connect_timeout,
             task_group=task_group,
         )
-        self._client, self._config, self._notify = client, config, notify
+        self._client, self._config = client, config
         self._acquire_fixed = (config.selection.encode(), _encoded_ms(self._ttl))
         self._release_fixed = (_encoded_ms(config.cooldown), b"%d" % config.failures_to_cool)
         try:
             await self._sync(adopt=True)
-            await task_group.start(self._listen)
-            task_group.start_soon(self._checker)
+            self._listener = Listener(
+                client, self._wake_channel, notify=notify, sync=self._sync, down=self._down
+            )
+            await self._listener.start(task_group)
         except BaseException:
             await self.close()
             raise
 
     async def close(self) -> None:
-        scopes, self._scopes = self._scopes, []
-        for scope in scopes:
-            scope.cancel()
-        # NOTE: let the listener unsubscribe before its client goes away.
-        if self._background:
-            with anyio.move_on_after(1.0, shield=True):
-                await self._idle.wait()
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.stop()
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
         self._config = None
-        self._notify = _noop
 
     async def set_map(self, limits: Mapping[str, int]) -> None:
         self._map = {channel: min(max_jobs, MAX_JOBS_CAP) for channel, max_jobs in limits.items()}
@@ -304,27 +205,23 @@ class RedisBackend:
         except BaseException:
             # NOTE: the grant may have happened before the failure or the
             # cancellation; the next sync gives the slot back.
-            self._orphans[lease_id] = sent + ttl
+            self._leases.grant_in_doubt(lease_id, sent + ttl)
             raise
-        self._clock(reply[1], sent)
+        view = self._view
+        view.clock(reply[1], sent)
         if reply[0] == 1:
-            granted = _text(reply[2])
-            self._live[lease_id] = _Held(granted, sent + ttl)
-            self._put(granted, int(reply[3]), int(reply[4]), 0, 0)
+            granted = text(reply[2])
+            self._leases.granted(lease_id, granted, sent + ttl)
+            view.put(granted, int(reply[3]), int(reply[4]), 0, 0)
             return granted
-        lease_ms, cool_ms, settle_ms = int(reply[2]), int(reply[3]), int(reply[4])
-        self._next_expiry = self._local(lease_ms) if lease_ms >= 0 else None
-        self._settle_until = self._local(settle_ms) if settle_ms else 0.0
-        self._next_cool_end = self._local(cool_ms) if cool_ms >= 0 else None
+        view.nothing_free(int(reply[2]), int(reply[3]), int(reply[4]))
         if channel is not None:
-            self._put_figures(channel, reply[5:9])
+            view.put_figures(channel, reply[5:9])
         return None
 
     async def release(self, lease_id: str, outcome: ReleaseOutcome) -> ReleaseResult:
         config = self._require()
-        held = self._live.pop(lease_id, None)
-        self._pending.pop(lease_id, None)
-        self._orphans.pop(lease_id, None)
+        held = self._leases.releasing(lease_id)
         sent = time.monotonic()
         # NOTE: a "released" tombstone answers a renewal of ours that may carry
         # this lease (in flight, or failed and maybe still to run on the
@@ -336,18 +233,18 @@ class RedisBackend:
         try:
             reply = await self._run(scripts.RELEASE, args)
         except BaseException:
-            if held is not None:  # NOTE: retried by the next sync, until it would expire
-                self._pending[lease_id] = (outcome, held.deadline)
+            # NOTE: retried by the next sync, until it would expire
+            self._leases.release_failed(lease_id, outcome, held)
             raise
-        self._clock(reply[1], sent)
-        status = _RELEASE_STATUS[int(reply[0])]
-        channel = _text(reply[2]) or None
+        self._view.clock(reply[1], sent)
+        status = RELEASE_STATUS[int(reply[0])]
+        channel = text(reply[2]) or None
         cooled, removed = bool(reply[3]), bool(reply[4])
         if channel is not None:
             if removed:
-                self._drop(channel)
+                self._view.drop(channel)
             else:
-                self._put_figures(channel, reply[5:9])
+                self._view.put_figures(channel, reply[5:9])
         if status != "released":
             return ReleaseResult(status, channel)
         if removed:
@@ -359,34 +256,13 @@ class RedisBackend:
     async def renew(self) -> RenewResult:
         self._require()
         await self._sync()
-        lost, self._lost = frozenset(self._lost), set()
-        released, self._released = frozenset(self._released), set()
-        return RenewResult(lost=lost, released=released)
+        return self._leases.take()
 
     def counts(self) -> Mapping[str, ChannelCounts]:
-        now = time.monotonic()
-        ended = [n for n in self._cooling_names if self._channels[n].cooling_until <= now]
-        for name in ended:  # a cooldown ended since the last round trip
-            channel = self._channels[name]
-            if channel.state == "cooling":
-                channel.state = "active"
-            channel.cooling_until = 0.0
-            self._cooling_names.discard(name)
-        if self._view is None or ended:
-            self._view = MappingProxyType(
-                {
-                    name: ChannelCounts(ch.max_jobs, ch.in_flight, ch.state)
-                    for name, ch in self._channels.items()
-                }
-            )
-        return self._view
+        return self._view.counts()
 
     def next_wakeup(self) -> float | None:
-        now = time.monotonic()
-        events = [ch.cooling_until for ch in self._cooling()]
-        events += [t for t in (self._next_expiry, self._next_cool_end, self._settle_until) if t]
-        future = [t - now for t in events if t > now]
-        return min(future) + _WAKE_MARGIN if future else None
+        return self._view.next_wakeup()
 
     # -- round trips ------------------------------------------------------------
 
@@ -463,8 +339,8 @@ class RedisBackend:
     async def _sync(self, *, adopt: bool = False, send_map: bool = False) -> None:
         """Renew, run pending releases, maybe publish the map, read every channel."""
         sent = time.monotonic()
-        ttl = self._ttl
-        args, leases, releases = self._sync_args(adopt, send_map, sent)
+        leases, releases = self._leases.due(sent)
+        args = self._sync_args(adopt, send_map, sent, leases, releases)
         epoch = self._epoch
         self._syncing += 1
         try:
@@ -473,7 +349,7 @@ class RedisBackend:
             # NOTE: it may still run on the server (a timeout, a cancellation):
             # releases leave tombstones for it meanwhile.
             self._sync_doubt_until = max(
-                self._sync_doubt_until, time.monotonic() + max(ttl, self._timeout)
+                self._sync_doubt_until, time.monotonic() + max(self._ttl, self._timeout)
             )
             raise
         finally:
@@ -483,11 +359,15 @@ class RedisBackend:
                 raise BackendUnavailableError("Redis refused to adopt an epoch")
             await self._resync(epoch)
             return
-        for lease_id, _ in releases:
-            self._pending.pop(lease_id, None)
-            self._orphans.pop(lease_id, None)
-        self._clock(reply[1], sent)
-        new_epoch = _text(reply[2])
+        self._synced(reply, epoch, sent, leases, releases)
+
+    def _synced(
+        self, reply: list[Any], epoch: str, sent: float, leases: Renewals, releases: Releases
+    ) -> None:
+        """Take in ``SYNC``'s reply (see the script for its layout)."""
+        self._leases.ran(releases)
+        self._view.clock(reply[1], sent)
+        new_epoch = text(reply[2])
         if epoch and new_epoch != epoch:
             logger.warning(
                 "backend_epoch_changed",
@@ -496,22 +376,23 @@ class RedisBackend:
                 leases=len(leases),
             )
         self._epoch = new_epoch
-        settle = int(reply[3])
-        self._settle_until = self._local(settle) if settle else 0.0
-        self._apply_statuses(leases, _text(reply[4]), sent + ttl)
-        self._apply_counts(reply[5], reply[6], reply[7], reply[8])
+        self._view.settle(int(reply[3]))
+        statuses = text(reply[4])
+        if "a" in statuses:
+            logger.warning(
+                "leases_reasserted",
+                backend="redis",
+                namespace=self.namespace,
+                leases=statuses.count("a"),
+            )
+        self._leases.renewed(leases, statuses, sent + self._ttl)
+        self._view.apply_counts(reply[5], reply[6], reply[7], reply[8])
 
     def _sync_args(
-        self, adopt: bool, send_map: bool, now: float
-    ) -> tuple[list[Arg], list[tuple[str, _Held]], list[tuple[str, ReleaseOutcome]]]:
-        """``SYNC``'s own arguments, the leases it renews and the releases it runs."""
+        self, adopt: bool, send_map: bool, now: float, leases: Renewals, releases: Releases
+    ) -> list[Arg]:
+        """``SYNC``'s own arguments: the map, ``leases`` to renew, ``releases`` to run."""
         config = self._require()
-        for table in (self._pending, self._orphans):
-            for lease_id in [k for k, v in table.items() if _deadline(v) <= now]:
-                del table[lease_id]  # expired by now: reclaimed without us
-        leases = list(self._live.items())
-        releases: list[tuple[str, ReleaseOutcome]] = [(k, v[0]) for k, v in self._pending.items()]
-        releases += [(k, "abandoned") for k in self._orphans]
         # NOTE: an empty map is never published. The namespace's map is the
         # fleet's, last writer wins; a process with no channels (a webhook
         # handler that only releases by id, a worker that started during a
@@ -533,165 +414,17 @@ class RedisBackend:
         for channel, max_jobs in (limits or {}).items():
             args += [channel, max_jobs]
         for lease_id, held in leases:
-            hint = self._channels[held.channel].max_jobs if held.channel in self._channels else 1
             # NOTE: after a data loss (adopt), every lease we still hold is
             # re-asserted, even one past its deadline by our clock: the new
             # epoch cannot have handed its slot to anyone, and its job may
             # still be running on Discord. Counting it twice is safe; dropping
             # it would let the fleet over-dispatch the channel.
             alive = adopt or held.deadline > now
+            hint = self._view.max_jobs(held.channel)
             args += [lease_id, held.channel, hint, "1" if alive else "0"]
         for lease_id, outcome in releases:
             args += [lease_id, outcome]
-        return args, leases, releases
-
-    def _apply_statuses(
-        self, leases: list[tuple[str, _Held]], statuses: str, deadline: float
-    ) -> None:
-        if "a" in statuses:
-            logger.warning(
-                "leases_reasserted",
-                backend="redis",
-                namespace=self.namespace,
-                leases=statuses.count("a"),
-            )
-        for (lease_id, held), status in zip(leases, statuses, strict=True):
-            if self._live.get(lease_id) is not held:
-                continue  # NOTE: released here while the sync was in flight
-            if status in "ka":
-                held.deadline = deadline
-            else:
-                del self._live[lease_id]
-                (self._released if status == "r" else self._lost).add(lease_id)
-
-    def _apply_counts(
-        self, maxes: list[Any], infs: list[Any], drains: list[Any], cools: list[Any]
-    ) -> None:
-        in_flight = {_text(k): int(v) for k, v in zip(infs[::2], infs[1::2], strict=True)}
-        draining = {_text(ch) for ch in drains}
-        cooling = {_text(k): int(float(v)) for k, v in zip(cools[::2], cools[1::2], strict=True)}
-        channels: dict[str, _Channel] = {}
-        self._cooling_names = set()
-        for raw, raw_max in zip(maxes[::2], maxes[1::2], strict=True):
-            name = _text(raw)
-            till = self._local(cooling[name]) if name in cooling else 0.0
-            state: ChannelState = (
-                "draining" if name in draining else "cooling" if till else "active"
-            )
-            channels[name] = _Channel(int(raw_max), in_flight.get(name, 0), state, till)
-            if till:
-                self._cooling_names.add(name)
-        self._channels = channels
-        self._view = None
-
-    # -- local figures ------------------------------------------------------------
-
-    def _clock(self, server_ms: Any, sent: float) -> None:
-        """Re-estimate the server clock's offset from a reply stamped ``server_ms``."""
-        self._offset = int(server_ms) / 1000 - (sent + time.monotonic()) / 2
-
-    def _local(self, server_ms: int) -> float:
-        """A server instant (ms) as local monotonic seconds."""
-        return server_ms / 1000 - self._offset
-
-    def _put(self, name: str, max_jobs: int, in_flight: int, state: int, cool_ms: int) -> None:
-        till = self._local(cool_ms) if state == 2 and cool_ms else 0.0
-        self._channels[name] = _Channel(max_jobs, in_flight, _STATES[state], till)
-        if till:
-            self._cooling_names.add(name)
-        else:
-            self._cooling_names.discard(name)
-        self._view = None
-
-    def _put_figures(self, name: str, figures: list[Any]) -> None:
-        max_jobs, in_flight, state, cool_ms = (int(v) for v in figures)
-        if max_jobs < 0:
-            self._drop(name)
-        else:
-            self._put(name, max_jobs, in_flight, state, cool_ms)
-
-    def _drop(self, name: str) -> None:
-        self._channels.pop(name, None)
-        self._cooling_names.discard(name)
-        self._view = None
-
-    def _cooling(self) -> list[_Channel]:
-        return [self._channels[name] for name in self._cooling_names if name in self._channels]
-
-    # -- background tasks ---------------------------------------------------------
-
-    async def _listen(self, *, task_status: TaskStatus[None]) -> None:
-        """
-        Call ``notify`` on every wake-up message; reconnect after failures.
-
-        Started by :meth:`open`, which fails if the first subscription does. After
-        a reconnection messages may have been missed and Redis may have lost its
-        data: the checker task resynchronises, then notifies.
-        """
-        client = self._client
-        assert client is not None
-        started = False
-        backoff = _BACKOFF_MIN
-
-        def on_ready() -> None:
-            nonlocal started, backoff
-            backoff = _BACKOFF_MIN
-            if started:
-                self._check.set()
-            else:
-                started = True
-                task_status.started()
-
-        def on_message(data: bytes) -> None:
-            if data == b"e":  # another process created a new epoch: re-assert ours
-                self._check.set()
-            self._notify()
-
-        with anyio.CancelScope() as scope, self._running():
-            self._scopes.append(scope)
-            while True:
-                try:
-                    await client.listen(self._wake_channel, on_ready, on_message)
-                except BackendUnavailableError as exc:
-                    if not started:
-                        raise
-                    if anyio.current_effective_deadline() == -math.inf:
-                        # NOTE: we are being cancelled and the client was torn
-                        # down under us: no fault, let the cancellation through.
-                        await anyio.lowlevel.checkpoint()
-                        return
-                    self._down(exc)
-                await anyio.sleep(backoff)
-                backoff = min(backoff * 2, _BACKOFF_MAX)
-
-    @contextlib.contextmanager
-    def _running(self) -> Iterator[None]:
-        if not self._background:
-            self._idle = anyio.Event()
-        self._background += 1
-        try:
-            yield
-        finally:
-            self._background -= 1
-            if not self._background:
-                self._idle.set()
-
-    async def _checker(self) -> None:
-        """Run a sync each time the listener asks (a reconnection, a new epoch)."""
-        with anyio.CancelScope() as scope, self._running():
-            self._scopes.append(scope)
-            while True:
-                await self._check.wait()
-                self._check = anyio.Event()
-                try:
-                    await self._sync()
-                except (BackendUnavailableError, RuntimeError):
-                    continue  # the listener asks again after its next reconnection
-                self._notify()
-
-
-def _noop() -> None:
-    pass
+        return args
 
 
 def _ms(seconds: float) -> int:
@@ -700,11 +433,3 @@ def _ms(seconds: float) -> int:
 
 def _encoded_ms(seconds: float) -> bytes:
     return b"%d" % _ms(seconds)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _deadline(value: float | tuple[str, float]) -> float:
-    return value[1] if isinstance(value, tuple) else value

@@ -43,6 +43,7 @@ __all__ = [
     "is_coredis_client",
     "is_redis_py_client",
     "mask_url",
+    "target_of",
 ]
 
 #: A script argument (bytes are sent as they are: pre-encode fixed ones).
@@ -408,6 +409,27 @@ async def connect(
     raise TypeError(
         f"RedisBackend takes a URL, a redis.asyncio.Redis or a coredis.Redis, "
         f"not {type(target).__name__}"
+    )
+
+
+def target_of(url_or_client: Any) -> tuple[Secret | object, str]:
+    """
+    What a backend connects to (a URL, kept as a :class:`Secret`, or a client) and how it shows it.
+
+    Raises:
+        TypeError: neither a URL nor a supported client.
+        ValueError: a URL scheme other than redis, rediss or unix.
+    """
+    if isinstance(url_or_client, str):
+        if urlsplit(url_or_client).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("unsupported Redis URL scheme (use redis://, rediss:// or unix://)")
+        return Secret(url_or_client), mask_url(url_or_client)
+    if is_redis_py_client(url_or_client) or is_coredis_client(url_or_client):
+        kind = type(url_or_client)
+        return url_or_client, f"<{kind.__module__}.{kind.__name__}>"
+    raise TypeError(
+        "RedisBackend takes a Redis URL, a redis.asyncio.Redis or a coredis.Redis, "
+        f"not {type(url_or_client).__name__}"
     )
 
 
