@@ -856,6 +856,7 @@ class Balancer:
                 if lease is not None:
                     lease.released = True
                     self._released_total += 1
+            self._released_total += len(result.completed)
 
     # -- statistics ----------------------------------------------------------
 

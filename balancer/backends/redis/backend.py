@@ -365,7 +365,7 @@ class RedisBackend:
         self, reply: list[Any], epoch: str, sent: float, leases: Renewals, releases: Releases
     ) -> None:
         """Take in ``SYNC``'s reply (see the script for its layout)."""
-        self._leases.ran(releases)
+        self._leases.ran(releases, text(reply[9]))
         self._view.clock(reply[1], sent)
         new_epoch = text(reply[2])
         if epoch and new_epoch != epoch:

@@ -19,7 +19,10 @@ Design notes:
   cancellation) is an orphan, released as ``"abandoned"`` by the next
   ``SYNC``. A release that failed (Redis unreachable, a timeout) stays
   pending, with its outcome, and every ``SYNC`` runs it again until the lease
-  would have expired anyway.
+  would have expired anyway. The sync that runs it says what it found: unless
+  the lease had been reclaimed after expiry ("lost"), the release is done,
+  and the next ``renew()`` reports it as ``completed`` so that the balancer
+  counts it (it forgot the lease when the release failed).
 * A lease missing without a tombstone while its holder knows it is unexpired
   is re-asserted at the next renewal (data was lost: see the backend).
 
@@ -35,6 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..base import ReleaseOutcome, RenewResult
+from .scripts import RELEASE_STATUS
 
 __all__ = ["Held", "LeaseBook", "Releases", "Renewals"]
 
@@ -61,6 +65,8 @@ class LeaseBook:
     #   ``_released`` until the next renew() returns it).
     #   ``_pending`` and ``_orphans`` hold leases whose release is in doubt;
     #   they are never in ``live``.
+    #   a pending release that a sync ran, and that did not find its lease
+    #   reclaimed, is in ``_completed`` until the next renew() returns it.
 
     def __init__(self) -> None:
         self.live: dict[str, Held] = {}
@@ -68,6 +74,7 @@ class LeaseBook:
         self._orphans: dict[str, float] = {}
         self._lost: set[str] = set()
         self._released: set[str] = set()
+        self._completed: set[str] = set()
 
     # -- transitions --------------------------------------------------------------------
 
@@ -110,14 +117,26 @@ class LeaseBook:
                 del self.live[lease_id]
                 (self._released if status == "r" else self._lost).add(lease_id)
 
-    def ran(self, releases: Releases) -> None:
-        """A sync ran ``releases``: they are owed no more."""
-        for lease_id, _ in releases:
-            self._pending.pop(lease_id, None)
+    def ran(self, releases: Releases, statuses: str) -> None:
+        """
+        A sync ran ``releases``; ``statuses`` says what each found (``SYNC``'s reply).
+
+        A pending release is completed unless it found its lease reclaimed
+        ("lost"). One that found no lease ("unknown": an earlier attempt ran on
+        the server after all, another process released it by id, or it went
+        with lost data) leaves the slot free all the same, and the balancer
+        counts an "unknown" release of its own as released too. Orphans were
+        never counted as acquired: they count for nothing.
+        """
+        for (lease_id, _), code in zip(releases, statuses, strict=True):
             self._orphans.pop(lease_id, None)
+            done = RELEASE_STATUS[int(code)] != "lost"
+            if self._pending.pop(lease_id, None) is not None and done:
+                self._completed.add(lease_id)
 
     def take(self) -> RenewResult:
         """What the syncs learnt since the last call (``renew()``'s answer)."""
         lost, self._lost = frozenset(self._lost), set()
         released, self._released = frozenset(self._released), set()
-        return RenewResult(lost=lost, released=released)
+        completed, self._completed = frozenset(self._completed), set()
+        return RenewResult(lost=lost, released=released, completed=completed)

@@ -265,7 +265,9 @@ SYNC = Script.of(
 -- return: {-1, epoch} epoch mismatch (strict mode)
 --         {1, now, epoch, settle, lease statuses (one string: "k" kept,
 --          "a" re-asserted, "r" released elsewhere, "l" lost),
---          HGETALL max, HGETALL inf, SMEMBERS drain, ZRANGE cool WITHSCORES}
+--          HGETALL max, HGETALL inf, SMEMBERS drain, ZRANGE cool WITHSCORES,
+--          release statuses (one string, a digit a release: as RELEASE's status,
+--          "0" unknown, "1" released, "2" lost)}
 local epoch = redis.call('HGET', META, 'epoch')
 if epoch ~= ARGV[1] then
   if ARGV[3] ~= 'adopt' then return {-1, epoch or ''} end
@@ -357,14 +359,19 @@ for i = 0, n_leases - 1 do
 end
 at = at + 4 * n_leases
 
+-- NOTE: the caller learns what each release found: one that found its lease
+-- reclaimed ("lost") did not give a slot back.
+local released = {}
 for i = 0, n_releases - 1 do
-  release_one(ARGV[at + 2 * i], ARGV[at + 2 * i + 1], cooldown, failures_to_cool, true)
+  released[i + 1] = release_one(
+    ARGV[at + 2 * i], ARGV[at + 2 * i + 1], cooldown, failures_to_cool, true)
 end
 
 return finish({
   1, now, epoch, num(redis.call('HGET', META, 'settle')), table.concat(statuses),
   redis.call('HGETALL', MAX), redis.call('HGETALL', INF),
   redis.call('SMEMBERS', DRAIN), redis.call('ZRANGE', COOL, 0, -1, 'WITHSCORES'),
+  table.concat(released),
 })
 """,
 )
