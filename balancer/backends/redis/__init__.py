@@ -8,6 +8,7 @@ Imports point down, never up::
     leases    this balancer's lease book: live leases and releases still owed
     view      the per-channel figures as of the last round trip, server clock
     client    one interface over redis-py (asyncio) and coredis (trio)
+    target    the URL or client a backend is built on, shown without a password
     scripts   the Lua scripts, the key layout they share, their replies
     lua       the Lua every script starts with (helpers, upkeep, one release)
 

@@ -52,10 +52,11 @@ import structlog
 from ...errors import BackendUnavailableError
 from ..base import MAX_JOBS_CAP, ReleaseResult
 from . import scripts
-from .client import Arg, ScriptClient, connect, current_library, describe, target_of
+from .client import Arg, ScriptClient, connect, current_library, describe
 from .leases import LeaseBook, Releases, Renewals
 from .listener import Listener
 from .scripts import RELEASE_STATUS, text
+from .target import target_of
 from .view import ChannelView
 
 if TYPE_CHECKING:

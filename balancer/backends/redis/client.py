@@ -12,7 +12,9 @@ Every failure of the client library (connection refused or lost, a server
 error such as ``LOADING`` or ``READONLY``) leaves this module as
 :class:`~balancer.errors.BackendUnavailableError`, with a message that holds no
 password; a request that timed out leaves as the built-in :class:`TimeoutError`
-(the backend words it as "did not answer"). ``redis`` and ``coredis`` are imported here and only when needed.
+(the backend words it as "did not answer"). ``redis`` and ``coredis`` are
+imported only when needed: here to build a client, in :mod:`.target` to
+recognise one.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, cast
-from urllib.parse import unquote, urlsplit, urlunsplit
 
 import anyio
 
 from ...accounts import Secret
 from ...errors import BackendUnavailableError
+from .target import is_coredis_client, is_redis_py_client, passwords
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup, TaskStatus
@@ -40,10 +42,6 @@ __all__ = [
     "connect",
     "current_library",
     "describe",
-    "is_coredis_client",
-    "is_redis_py_client",
-    "mask_url",
-    "target_of",
 ]
 
 #: A script argument (bytes are sent as they are: pre-encode fixed ones).
@@ -107,26 +105,6 @@ def _timed_out(exc: BaseException, hide: Sequence[str]) -> TimeoutError:
     return TimeoutError(describe(exc, hide=hide))
 
 
-def is_redis_py_client(obj: object) -> bool:
-    """True for a ``redis.asyncio`` client (without importing redis for other objects)."""
-    module = type(obj).__module__
-    if not module.startswith("redis."):
-        return False
-    import redis.asyncio
-
-    return isinstance(obj, (redis.asyncio.Redis, redis.asyncio.RedisCluster))
-
-
-def is_coredis_client(obj: object) -> bool:
-    """True for a coredis client (without importing coredis for other objects)."""
-    module = type(obj).__module__
-    if not module.startswith("coredis"):
-        return False
-    import coredis
-
-    return isinstance(obj, (coredis.Redis, coredis.RedisCluster))
-
-
 class RedisPyClient:
     """:class:`ScriptClient` over ``redis.asyncio`` (asyncio only)."""
 
@@ -163,7 +141,7 @@ class RedisPyClient:
             retry=Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)),
             decode_responses=False,
         )
-        return cls(client, owned=True, hide=_password(url.reveal()))
+        return cls(client, owned=True, hide=passwords(url.reveal()))
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         try:
@@ -260,7 +238,7 @@ class CoredisClient:
             # As with redis-py: one retry after a dropped connection, none on a timeout.
             retry_policy=ConstantRetryPolicy((ConnectionError,), retries=1, delay=0),
         )
-        adapter = cls(client, owned=True, hide=_password(url.reveal()))
+        adapter = cls(client, owned=True, hide=passwords(url.reveal()))
         # NOTE: coredis clients are async context managers whose pool runs a
         # task group; it must be entered and exited by one task, so a task of
         # the balancer's group holds it open.
@@ -412,27 +390,6 @@ async def connect(
     )
 
 
-def target_of(url_or_client: Any) -> tuple[Secret | object, str]:
-    """
-    What a backend connects to (a URL, kept as a :class:`Secret`, or a client) and how it shows it.
-
-    Raises:
-        TypeError: neither a URL nor a supported client.
-        ValueError: a URL scheme other than redis, rediss or unix.
-    """
-    if isinstance(url_or_client, str):
-        if urlsplit(url_or_client).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("unsupported Redis URL scheme (use redis://, rediss:// or unix://)")
-        return Secret(url_or_client), mask_url(url_or_client)
-    if is_redis_py_client(url_or_client) or is_coredis_client(url_or_client):
-        kind = type(url_or_client)
-        return url_or_client, f"<{kind.__module__}.{kind.__name__}>"
-    raise TypeError(
-        "RedisBackend takes a Redis URL, a redis.asyncio.Redis or a coredis.Redis, "
-        f"not {type(url_or_client).__name__}"
-    )
-
-
 def current_library() -> str:
     """``"asyncio"`` or ``"trio"``: the event loop running this task."""
     try:
@@ -440,23 +397,3 @@ def current_library() -> str:
     except ImportError:  # anyio no longer needs sniffio, but trio does: this is asyncio
         return "asyncio"
     return sniffio.current_async_library()
-
-
-def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
-def _password(url: str) -> tuple[str, ...]:
-    """The URL's password as written and percent-decoded (what must never be shown)."""
-    password = urlsplit(url).password
-    return (password, unquote(password)) if password else ()

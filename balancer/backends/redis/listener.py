@@ -83,6 +83,7 @@ class Listener:
         if self._background:
             with anyio.move_on_after(1.0, shield=True):
                 await self._idle.wait()
+        self._notify = _noop  # a task that outlived the wait must not call the balancer
 
     async def _listen(self, *, task_status: TaskStatus[None]) -> None:
         """
@@ -149,3 +150,7 @@ class Listener:
                 except (BackendUnavailableError, RuntimeError):
                     continue  # the listener asks again after its next reconnection
                 self._notify()
+
+
+def _noop() -> None:
+    pass
