@@ -105,6 +105,13 @@ def _timed_out(exc: BaseException, hide: Sequence[str]) -> TimeoutError:
     return TimeoutError(describe(exc, hide=hide))
 
 
+def _failure(
+    exc: BaseException, timeouts: tuple[type[BaseException], ...], hide: Sequence[str]
+) -> Exception:
+    """A failed request: :class:`TimeoutError` for one of ``timeouts``, else unavailable."""
+    return _timed_out(exc, hide) if isinstance(exc, timeouts) else _unavailable(exc, hide)
+
+
 class RedisPyClient:
     """:class:`ScriptClient` over ``redis.asyncio`` (asyncio only)."""
 
@@ -150,10 +157,8 @@ class RedisPyClient:
             except self._noscript:
                 await self._client.script_load(script.source)
                 return await self._client.evalsha(script.sha, len(keys), *keys, *args)
-        except self._timeouts as exc:
-            raise _timed_out(exc, self._hide) from exc
-        except self._errors as exc:
-            raise _unavailable(exc, self._hide) from exc
+        except (*self._timeouts, *self._errors) as exc:  # NOTE: built on failure only
+            raise _failure(exc, self._timeouts, self._hide) from exc
 
     async def listen(
         self, channel: str, on_ready: Callable[[], None], on_message: Callable[[bytes], None]
@@ -261,10 +266,8 @@ class CoredisClient:
                 return await self._client.evalsha(script.sha, keys=keys, args=args)
         except BaseExceptionGroup as group:
             raise self._translate(group, timeouts=True) from group
-        except self._timeouts as exc:
-            raise _timed_out(exc, self._hide) from exc
-        except self._errors as exc:
-            raise _unavailable(exc, self._hide) from exc
+        except (*self._timeouts, *self._errors) as exc:  # NOTE: built on failure only
+            raise _failure(exc, self._timeouts, self._hide) from exc
 
     async def listen(
         self, channel: str, on_ready: Callable[[], None], on_message: Callable[[bytes], None]
