@@ -156,7 +156,7 @@ def _decomposition(lb: Balancer) -> dict[str, Batch]:
     rows are skipped.
     """
     try:
-        from balancer.backends import _redis_scripts as scripts
+        from balancer.backends.redis import scripts
 
         backend: Any = lb._backend
         client, keys = backend._client, list(backend._keys)

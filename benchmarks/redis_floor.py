@@ -10,7 +10,7 @@ fixture, not part of the library: the backend never runs it.
 
 from __future__ import annotations
 
-from balancer.backends._redis_scripts import Script
+from balancer.backends.redis.scripts import Script
 
 __all__ = ["FLOOR_SOURCE", "TRIVIAL"]
 

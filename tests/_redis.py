@@ -32,9 +32,9 @@ import anyio.to_thread
 import pytest
 
 from balancer import Balancer, StaticAccountSource
-from balancer.backends._redis_client import connect, current_library
-from balancer.backends._redis_scripts import Script
 from balancer.backends.redis import RedisBackend
+from balancer.backends.redis.client import connect, current_library
+from balancer.backends.redis.scripts import Script
 from balancer.testing import RedisServer, find_redis_server, make_accounts
 
 __all__ = [

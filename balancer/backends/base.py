@@ -133,8 +133,10 @@ class RenewResult:
         learn they no longer own a slot)
     :ivar released: leases released elsewhere (by id, from another process);
         they are no longer renewed and are not counted as lost
-    :ivar completed: releases of ours that had failed (the backend was
-        unreachable) and that this round completed
+    :ivar completed: releases that had failed (the backend was unreachable)
+        and that this round completed on the server: the holder released
+        them, so they count as released, once. A release that found its
+        lease already reclaimed after expiry is not among them.
     """
 
     lost: frozenset[str] = frozenset()

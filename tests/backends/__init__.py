@@ -1,0 +1,1 @@
+"""Tests of one backend's behaviour at a time, against the real thing."""

@@ -12,7 +12,9 @@ Every failure of the client library (connection refused or lost, a server
 error such as ``LOADING`` or ``READONLY``) leaves this module as
 :class:`~balancer.errors.BackendUnavailableError`, with a message that holds no
 password; a request that timed out leaves as the built-in :class:`TimeoutError`
-(the backend words it as "did not answer"). ``redis`` and ``coredis`` are imported here and only when needed.
+(the backend words it as "did not answer"). ``redis`` and ``coredis`` are
+imported only when needed: here to build a client, in :mod:`.target` to
+recognise one.
 """
 
 from __future__ import annotations
@@ -20,17 +22,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, cast
-from urllib.parse import unquote, urlsplit, urlunsplit
 
 import anyio
 
-from ..accounts import Secret
-from ..errors import BackendUnavailableError
+from ...accounts import Secret
+from ...errors import BackendUnavailableError
+from .target import is_coredis_client, is_redis_py_client, passwords
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup, TaskStatus
 
-    from ._redis_scripts import Script
+    from .scripts import Script
 
 __all__ = [
     "Arg",
@@ -40,9 +42,6 @@ __all__ = [
     "connect",
     "current_library",
     "describe",
-    "is_coredis_client",
-    "is_redis_py_client",
-    "mask_url",
 ]
 
 #: A script argument (bytes are sent as they are: pre-encode fixed ones).
@@ -106,24 +105,11 @@ def _timed_out(exc: BaseException, hide: Sequence[str]) -> TimeoutError:
     return TimeoutError(describe(exc, hide=hide))
 
 
-def is_redis_py_client(obj: object) -> bool:
-    """True for a ``redis.asyncio`` client (without importing redis for other objects)."""
-    module = type(obj).__module__
-    if not module.startswith("redis."):
-        return False
-    import redis.asyncio
-
-    return isinstance(obj, (redis.asyncio.Redis, redis.asyncio.RedisCluster))
-
-
-def is_coredis_client(obj: object) -> bool:
-    """True for a coredis client (without importing coredis for other objects)."""
-    module = type(obj).__module__
-    if not module.startswith("coredis"):
-        return False
-    import coredis
-
-    return isinstance(obj, (coredis.Redis, coredis.RedisCluster))
+def _failure(
+    exc: BaseException, timeouts: tuple[type[BaseException], ...], hide: Sequence[str]
+) -> Exception:
+    """A failed request: :class:`TimeoutError` for one of ``timeouts``, else unavailable."""
+    return _timed_out(exc, hide) if isinstance(exc, timeouts) else _unavailable(exc, hide)
 
 
 class RedisPyClient:
@@ -162,7 +148,7 @@ class RedisPyClient:
             retry=Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)),
             decode_responses=False,
         )
-        return cls(client, owned=True, hide=_password(url.reveal()))
+        return cls(client, owned=True, hide=passwords(url.reveal()))
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         try:
@@ -171,10 +157,8 @@ class RedisPyClient:
             except self._noscript:
                 await self._client.script_load(script.source)
                 return await self._client.evalsha(script.sha, len(keys), *keys, *args)
-        except self._timeouts as exc:
-            raise _timed_out(exc, self._hide) from exc
-        except self._errors as exc:
-            raise _unavailable(exc, self._hide) from exc
+        except (*self._timeouts, *self._errors) as exc:  # NOTE: built on failure only
+            raise _failure(exc, self._timeouts, self._hide) from exc
 
     async def listen(
         self, channel: str, on_ready: Callable[[], None], on_message: Callable[[bytes], None]
@@ -259,7 +243,7 @@ class CoredisClient:
             # As with redis-py: one retry after a dropped connection, none on a timeout.
             retry_policy=ConstantRetryPolicy((ConnectionError,), retries=1, delay=0),
         )
-        adapter = cls(client, owned=True, hide=_password(url.reveal()))
+        adapter = cls(client, owned=True, hide=passwords(url.reveal()))
         # NOTE: coredis clients are async context managers whose pool runs a
         # task group; it must be entered and exited by one task, so a task of
         # the balancer's group holds it open.
@@ -282,10 +266,8 @@ class CoredisClient:
                 return await self._client.evalsha(script.sha, keys=keys, args=args)
         except BaseExceptionGroup as group:
             raise self._translate(group, timeouts=True) from group
-        except self._timeouts as exc:
-            raise _timed_out(exc, self._hide) from exc
-        except self._errors as exc:
-            raise _unavailable(exc, self._hide) from exc
+        except (*self._timeouts, *self._errors) as exc:  # NOTE: built on failure only
+            raise _failure(exc, self._timeouts, self._hide) from exc
 
     async def listen(
         self, channel: str, on_ready: Callable[[], None], on_message: Callable[[bytes], None]
@@ -418,23 +400,3 @@ def current_library() -> str:
     except ImportError:  # anyio no longer needs sniffio, but trio does: this is asyncio
         return "asyncio"
     return sniffio.current_async_library()
-
-
-def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
-def _password(url: str) -> tuple[str, ...]:
-    """The URL's password as written and percent-decoded (what must never be shown)."""
-    password = urlsplit(url).password
-    return (password, unquote(password)) if password else ()
