@@ -239,3 +239,33 @@ class TestFreshStatistics:
             stats = lb.statistics()
             assert stats.in_flight == 0
             assert stats.channels["ch0"].in_flight == 0
+
+
+class TestReleaseByIdStays:
+    async def test_a_short_ttl_webhook_release_is_never_undone(
+        self, redis_url: str, redis_namespace: str
+    ) -> None:
+        """A lease released by id where ``lease_ttl`` is short never comes back (#10, item 5)."""
+        async with (
+            balancer(redis_url, redis_namespace, lease_ttl=0.9) as owner,
+            Balancer(
+                StaticAccountSource({}),
+                backend=RedisBackend(redis_url, namespace=redis_namespace),
+                lease_ttl=0.3,
+            ) as webhook,
+        ):
+            lease = await owner.acquire(timeout=5)
+            await webhook.release(lease.id)
+            # Several of the owner's renewal rounds (every 0.3 s), well past the
+            # webhook's tombstone (2 x 0.3 s + 10 s would be long enough, but a
+            # renewal must not need a tombstone to stay away).
+            client = redis.Redis.from_url(redis_url)
+            try:
+                client.delete(f"{{{redis_namespace}}}:tomb", f"{{{redis_namespace}}}:tombx")
+            finally:
+                client.close()
+            await anyio.sleep(1.2)
+            assert raw_counts(redis_url, redis_namespace)[1] == 0
+            again = await owner.acquire(timeout=0)
+            await owner.release(again)
+            assert lease.released

@@ -263,11 +263,15 @@ SYNC = Script.of(
 -- "1" if the holder knows it has not expired), n x (lease id, outcome).
 -- return: {-1, epoch} epoch mismatch (strict mode)
 --         {1, now, epoch, settle, lease statuses (one string: "k" kept,
---          "a" re-asserted, "r" released elsewhere, "l" lost),
+--          "a" re-asserted after data loss, "r" released elsewhere, "l" lost),
 --          HGETALL max, HGETALL inf, SMEMBERS drain, ZRANGE cool WITHSCORES,
 --          release statuses (one string, a digit a release: as RELEASE's status,
 --          "0" unknown, "1" released, "2" lost)}
 local epoch = redis.call('HGET', META, 'epoch')
+-- Only a sync that finds the epoch changed (data was lost) may re-create a
+-- lease: otherwise a lease missing from Redis was released (by id, elsewhere),
+-- and renewing must never bring it back, whatever the releaser's ttl.
+local lost_data = epoch ~= ARGV[1]
 if epoch ~= ARGV[1] then
   if ARGV[3] ~= 'adopt' then return {-1, epoch or ''} end
   if not epoch then
@@ -337,9 +341,11 @@ for i = 0, n_leases - 1 do
     local tomb = redis.call('HGET', TOMB, id)
     if tomb then
       status = tomb
+    elseif alive and not lost_data then
+      status = 'r'  -- released elsewhere, its tombstone gone or never written
     elseif alive then
-      -- Gone without a trace while its holder knows it is unexpired: the data
-      -- was lost (restart, failover). The job still runs: count it again.
+      -- Gone with the data (restart, failover) while its holder knows it is
+      -- unexpired. The job still runs: count it again.
       if not redis.call('HGET', MAX, ch) then
         redis.call('HSET', MAX, ch, hint)
         redis.call('SADD', DRAIN, ch)
