@@ -4,15 +4,12 @@ import dataclasses
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import pytest
 import structlog.testing
-from anyio.abc import TaskGroup
 
 from balancer import (
     Account,
@@ -32,29 +29,9 @@ from balancer import (
     StaticAccountSource,
 )
 from balancer.testing import make_accounts
+from tests._helpers import FakeClock, channel_state, eventually, raw, running, start
 
 # -- helpers -----------------------------------------------------------------
-
-
-def raw(limits: dict[str, int], *, token: str = "tok") -> dict[str, dict[str, Any]]:
-    """A raw v1 map with the given channels and limits."""
-    return {
-        channel: {"server": "1", "channel": channel, "discord": f"{token}-{channel}", "maxJobs": n}
-        for channel, n in limits.items()
-    }
-
-
-class FakeClock:
-    """A monotonic clock for the memory backend that only moves when told to."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class FlakySource:
@@ -71,63 +48,6 @@ class FlakySource:
         if self.error is not None:
             raise self.error
         return await self.static.fetch()
-
-
-@asynccontextmanager
-async def running(
-    limits: dict[str, int] | None = None, **kwargs: Any
-) -> AsyncIterator[tuple[Balancer, StaticAccountSource]]:
-    """A running balancer over a StaticAccountSource with ``limits``."""
-    source = StaticAccountSource(raw(limits if limits is not None else {"a": 1}))
-    kwargs.setdefault("ttl", 3600)
-    async with Balancer(source, **kwargs) as lb:
-        yield lb, source
-
-
-class Acquirer:
-    """A task blocked in ``acquire()``: records its lease or error, cancellable."""
-
-    def __init__(self, lb: Balancer, name: str = "", **kwargs: Any) -> None:
-        self.lb = lb
-        self.name = name
-        self.kwargs = kwargs
-        self.lease: Lease | None = None
-        self.error: BalancerError | None = None
-        self.scope = anyio.CancelScope()
-        self.done = anyio.Event()
-
-    async def run(self) -> None:
-        with self.scope:
-            try:
-                self.lease = await self.lb.acquire(**self.kwargs)
-            except BalancerError as exc:
-                self.error = exc
-            finally:
-                self.done.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self.scope.cancelled_caught
-
-
-async def start(tg: TaskGroup, lb: Balancer, name: str = "", **kwargs: Any) -> Acquirer:
-    """Start an acquirer and return once it is blocked (waiting, or done)."""
-    acquirer = Acquirer(lb, name, **kwargs)
-    tg.start_soon(acquirer.run)
-    await anyio.wait_all_tasks_blocked()
-    return acquirer
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll ``predicate`` until it holds; fail after ``timeout`` seconds."""
-    with anyio.fail_after(timeout):
-        while not predicate():  # noqa: ASYNC110 - polling a condition nobody signals
-            await anyio.sleep(0.01)
-
-
-def channel_state(lb: Balancer, channel: str) -> str | None:
-    found = lb.statistics().channels.get(channel)
-    return None if found is None else found.state
 
 
 def assert_no_waiters(lb: Balancer) -> None:

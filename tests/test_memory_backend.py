@@ -10,19 +10,7 @@ import pytest
 
 from balancer.backends.base import Backend, BackendConfig, RenewResult, Selection
 from balancer.backends.memory import MemoryBackend
-
-
-class FakeClock:
-    """A monotonic clock that only moves when told to."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests._helpers import FakeClock
 
 
 class Notified:
