@@ -708,7 +708,13 @@ class TestBalancerCooling:
             leases = [waiter.lease for waiter in waiters]
             assert leases[0] is not None and leases[0].channel == "a"
             assert leases[1] is not None and leases[1].channel == "b"
-            assert {channel_state(lb, c) for c in ("a", "b")} == {"active"}
+            await lb.release(leases[0])
+            await lb.release(leases[1])
+            stats = lb.statistics()
+            assert {c: (s.state, s.free) for c, s in stats.channels.items()} == {
+                "a": ("active", 1),
+                "b": ("active", 1),
+            }
 
     async def test_consecutive_failures_cool(self, backend_factory: BackendFactory):
         """failures_to_cool consecutive "failed" outcomes cool the channel; "ok" resets the count."""
