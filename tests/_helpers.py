@@ -38,6 +38,23 @@ class FakeClock:
         self.now += seconds
 
 
+class Wakeups:
+    """The ``notify`` callback: counts calls and lets a test wait for the next one."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._event = anyio.Event()
+
+    def __call__(self) -> None:
+        self.calls += 1
+        self._event.set()
+
+    def arm(self) -> anyio.Event:
+        """An event set by the next call."""
+        self._event = anyio.Event()
+        return self._event
+
+
 @asynccontextmanager
 async def running(
     limits: dict[str, int] | None = None, **kwargs: Any

@@ -33,29 +33,13 @@ from balancer import BackendUnavailableError, Balancer, StaticAccountSource
 from balancer.backends.base import BackendConfig
 from balancer.backends.redis import RedisBackend
 from balancer.testing import make_accounts
+from tests._helpers import Wakeups
 from tests._redis import EVENT_PREFIX, RedisServer, dump_redis, spawn_worker
 
 pytestmark = pytest.mark.redis
 
 
 # -- helpers -----------------------------------------------------------------------
-
-
-class Wakeups:
-    """The ``notify`` callback: counts calls and lets a test wait for the next one."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self._event = anyio.Event()
-
-    def __call__(self) -> None:
-        self.calls += 1
-        self._event.set()
-
-    def arm(self) -> anyio.Event:
-        """An event set by the next call."""
-        self._event = anyio.Event()
-        return self._event
 
 
 def config(

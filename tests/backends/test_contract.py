@@ -44,16 +44,28 @@ import anyio
 import anyio.lowlevel
 import pytest
 import structlog.testing
+from anyio.abc import TaskGroup
 
 from balancer import (
     Balancer,
+    Lease,
     MemoryBackend,
     NoAccountsError,
     NoCapacityError,
     RedisBackend,
+    StaticAccountSource,
 )
 from balancer.backends.base import Backend, BackendConfig, ChannelCounts, ReleaseOutcome
-from tests._helpers import channel_state, raw, running, served, settle, start
+from tests._helpers import (
+    Acquirer,
+    Wakeups,
+    channel_state,
+    raw,
+    running,
+    served,
+    settle,
+    start,
+)
 
 #: The acquire timeout that means "now" on a remote backend: long enough for
 #: one Redis round trip on a loaded machine (see the module docstring).
@@ -97,23 +109,6 @@ def backend_factory(request: pytest.FixtureRequest) -> BackendFactory:
 
 
 # -- the protocol, as a balancer drives it -------------------------------------------------
-
-
-class Wakeups:
-    """The ``notify`` callback: counts calls and lets a test wait for the next one."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self._event = anyio.Event()
-
-    def __call__(self) -> None:
-        self.calls += 1
-        self._event.set()
-
-    def arm(self) -> anyio.Event:
-        """An event set by the next call."""
-        self._event = anyio.Event()
-        return self._event
 
 
 @asynccontextmanager
@@ -640,13 +635,7 @@ class TestBalancerMapChanges:
             running({"a": 1}, backend=backend_factory()) as (lb, source),
             anyio.create_task_group() as tg,
         ):
-            held = await lb.acquire(timeout=5)
-            waiters = [await start(tg, lb), await start(tg, lb, channel="a"), await start(tg, lb)]
-            assert lb.statistics().waiting == 3
-            source.set(raw({"a": 3}))
-            await lb.refresh()
-            await settle(lambda: served(waiters).count(True) == 2)
-            assert lb.statistics().waiting == 1
+            held, waiters = await raise_max_jobs_under_waiters(lb, source, tg)
             await lb.release(held)
             await settle(lambda: all(served(waiters)))
             assert lb.statistics().in_flight == 3
@@ -673,6 +662,20 @@ class TestBalancerMapChanges:
             assert lb.statistics().channels == before.channels
             assert source.fetch_count == 2
             await lb.release(lease)
+
+
+async def raise_max_jobs_under_waiters(
+    lb: Balancer, source: StaticAccountSource, tg: TaskGroup
+) -> tuple[Lease, list[Acquirer]]:
+    """Hold "a"'s one slot, queue three waiters (the second pinned), raise max_jobs to 3."""
+    held = await lb.acquire(timeout=5)
+    waiters = [await start(tg, lb), await start(tg, lb, channel="a"), await start(tg, lb)]
+    assert lb.statistics().waiting == 3
+    source.set(raw({"a": 3}))
+    await lb.refresh()
+    await settle(lambda: served(waiters).count(True) == 2)
+    assert lb.statistics().waiting == 1
+    return held, waiters
 
 
 class TestBalancerCooling:
@@ -787,11 +790,7 @@ class TestFifo:
             running({"a": 1}, backend=backend_factory()) as (lb, source),
             anyio.create_task_group() as tg,
         ):
-            held = await lb.acquire(timeout=5)
-            waiters = [await start(tg, lb), await start(tg, lb, channel="a"), await start(tg, lb)]
-            source.set(raw({"a": 3}))
-            await lb.refresh()
-            await settle(lambda: served(waiters).count(True) == 2)
+            held, waiters = await raise_max_jobs_under_waiters(lb, source, tg)
             assert served(waiters) == [True, True, False]
             await lb.release(held)
             await settle(lambda: all(served(waiters)))
