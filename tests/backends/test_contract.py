@@ -27,9 +27,11 @@ Kept out of the contract, on purpose:
   backend, :data:`NO_WAIT` on a remote one.
 * Strict FIFO order: see :class:`TestFifo`.
 
-Backend-specific behaviour stays in ``tests/test_memory_backend.py`` (fake
-clock, hand-off, the model test) and ``tests/test_redis_backend.py`` (lease
-expiry, faults, epochs, clients, real processes).
+Backend-specific behaviour stays elsewhere: ``tests/test_memory_backend.py``
+(the fake clock, the model test), ``tests/test_balancer.py`` (waiting,
+timeouts, cancellation and the memory backend's direct hand-off) and
+``tests/test_redis_backend.py`` (shared counts, lease expiry, faults, epochs,
+clients, real processes).
 """
 
 from __future__ import annotations
