@@ -3,16 +3,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import pytest
-import structlog.testing
-from anyio.abc import TaskGroup
 
 from balancer import (
     Account,
@@ -32,16 +27,9 @@ from balancer import (
     StaticAccountSource,
 )
 from balancer.testing import FakeClock, make_accounts
+from tests._helpers import channel_state, eventually, raw, running, start
 
 # -- helpers -----------------------------------------------------------------
-
-
-def raw(limits: dict[str, int], *, token: str = "tok") -> dict[str, dict[str, Any]]:
-    """A raw v1 map with the given channels and limits."""
-    return {
-        channel: {"server": "1", "channel": channel, "discord": f"{token}-{channel}", "maxJobs": n}
-        for channel, n in limits.items()
-    }
 
 
 class FlakySource:
@@ -58,63 +46,6 @@ class FlakySource:
         if self.error is not None:
             raise self.error
         return await self.static.fetch()
-
-
-@asynccontextmanager
-async def running(
-    limits: dict[str, int] | None = None, **kwargs: Any
-) -> AsyncIterator[tuple[Balancer, StaticAccountSource]]:
-    """A running balancer over a StaticAccountSource with ``limits``."""
-    source = StaticAccountSource(raw(limits if limits is not None else {"a": 1}))
-    kwargs.setdefault("ttl", 3600)
-    async with Balancer(source, **kwargs) as lb:
-        yield lb, source
-
-
-class Acquirer:
-    """A task blocked in ``acquire()``: records its lease or error, cancellable."""
-
-    def __init__(self, lb: Balancer, name: str = "", **kwargs: Any) -> None:
-        self.lb = lb
-        self.name = name
-        self.kwargs = kwargs
-        self.lease: Lease | None = None
-        self.error: BalancerError | None = None
-        self.scope = anyio.CancelScope()
-        self.done = anyio.Event()
-
-    async def run(self) -> None:
-        with self.scope:
-            try:
-                self.lease = await self.lb.acquire(**self.kwargs)
-            except BalancerError as exc:
-                self.error = exc
-            finally:
-                self.done.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self.scope.cancelled_caught
-
-
-async def start(tg: TaskGroup, lb: Balancer, name: str = "", **kwargs: Any) -> Acquirer:
-    """Start an acquirer and return once it is blocked (waiting, or done)."""
-    acquirer = Acquirer(lb, name, **kwargs)
-    tg.start_soon(acquirer.run)
-    await anyio.wait_all_tasks_blocked()
-    return acquirer
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll ``predicate`` until it holds; fail after ``timeout`` seconds."""
-    with anyio.fail_after(timeout):
-        while not predicate():  # noqa: ASYNC110 - polling a condition nobody signals
-            await anyio.sleep(0.01)
-
-
-def channel_state(lb: Balancer, channel: str) -> str | None:
-    found = lb.statistics().channels.get(channel)
-    return None if found is None else found.state
 
 
 def assert_no_waiters(lb: Balancer) -> None:
@@ -207,46 +138,6 @@ class TestAcquireForms:
 
 
 class TestSelection:
-    async def test_random_is_uniform_among_channels_with_free_slots(self):
-        """ "random" picks uniformly among channels with a free slot, ignoring full ones."""
-        async with running({"a": 1, "b": 3, "full": 2}, seed=1) as (lb, _):
-            held = [await lb.acquire(channel="full") for _ in range(2)]
-            counts: Counter[str] = Counter()
-            for _ in range(3_000):
-                lease = await lb.acquire(timeout=0)
-                counts[lease.channel] += 1
-                await lb.release(lease)
-            assert counts["full"] == 0
-            # Uniform: 1500 each (sd ~27); weighted by free slots would give 750 / 2250.
-            assert 1_300 < counts["a"] < 1_700
-            for lease in held:
-                await lb.release(lease)
-
-    async def test_weighted_is_proportional_to_free_slots(self):
-        """ "weighted" picks a channel with probability proportional to its free slots."""
-        async with running({"a": 1, "b": 3}, selection="weighted", seed=2) as (lb, _):
-            counts: Counter[str] = Counter()
-            for _ in range(4_000):
-                lease = await lb.acquire(timeout=0)
-                counts[lease.channel] += 1
-                await lb.release(lease)
-            # Expected 1000 for "a" (sd ~27).
-            assert 850 < counts["a"] < 1_150
-
-    async def test_p2c_prefers_less_loaded(self):
-        """ "p2c" takes the less loaded of two samples, favouring the emptier channel."""
-        async with running({"busy": 4, "idle": 4}, selection="p2c", seed=3) as (lb, _):
-            held = [await lb.acquire(channel="busy") for _ in range(3)]
-            counts: Counter[str] = Counter()
-            for _ in range(4_000):
-                lease = await lb.acquire(timeout=0)
-                counts[lease.channel] += 1
-                await lb.release(lease)
-            # With replacement, P(idle) = 3/4 (sd ~27 on 3000); random would give 2000.
-            assert 2_800 < counts["idle"] < 3_200
-            for lease in held:
-                await lb.release(lease)
-
     @pytest.mark.parametrize("selection", ["random", "weighted", "p2c"])
     async def test_same_seed_same_sequence(self, selection: str):
         """With the same seed and the memory backend, the sequence of choices repeats."""
@@ -270,35 +161,8 @@ class TestSelection:
         assert first == second
         assert first != await choices(8)
 
-    async def test_channel_pins(self):
-        """channel= always takes that channel."""
-        async with running({"a": 5, "b": 5}) as (lb, _):
-            leases = [await lb.acquire(channel="b") for _ in range(5)]
-            assert {lease.channel for lease in leases} == {"b"}
-            with pytest.raises(NoCapacityError) as info:
-                await lb.acquire(channel="b", timeout=0)
-            assert info.value.channel == "b"
-
 
 class TestWaiting:
-    async def test_fifo_grant_order(self):
-        """Waiters are served strictly in arrival order, one per released slot."""
-        async with running({"a": 1}) as (lb, _), anyio.create_task_group() as tg:
-            held = await lb.acquire()
-            waiters = [await start(tg, lb, str(i)) for i in range(5)]
-            assert lb.statistics().waiting == 5
-            current = held
-            for i, waiter in enumerate(waiters):
-                await lb.release(current)
-                await anyio.wait_all_tasks_blocked()
-                assert [w.lease is not None for w in waiters] == [j <= i for j in range(5)]
-                assert waiter.lease is not None
-                current = waiter.lease
-                assert lb.statistics().waiting == 4 - i
-            await lb.release(current)
-            assert lb.statistics().in_flight == 0
-            assert_no_waiters(lb)
-
     async def test_hand_off_skips_waiters_pinned_elsewhere(self):
         """A freed slot goes to the oldest waiter that can use it; pinned waiters elsewhere wait on."""
         async with running({"a": 1, "b": 1}) as (lb, _), anyio.create_task_group() as tg:
@@ -498,21 +362,6 @@ class TestWaiting:
             await waiter.done.wait()
             assert waiter.lease is not None and waiter.lease.channel == "a"
 
-    async def test_pinned_to_cooling_channel_waits_for_cooldown(self):
-        """A pin to a cooling channel waits, and gets the channel when the cooldown ends."""
-        async with (
-            running({"a": 1, "b": 1}, cooldown=0.2) as (lb, _),
-            anyio.create_task_group() as tg,
-        ):
-            await lb.release(await lb.acquire(channel="a"), outcome="throttled")
-            assert channel_state(lb, "a") == "cooling"
-            waiter = await start(tg, lb, channel="a")
-            assert waiter.lease is None
-            with anyio.fail_after(5):
-                await waiter.done.wait()
-            assert waiter.lease is not None and waiter.lease.channel == "a"
-            assert channel_state(lb, "a") == "active"
-
     async def test_exit_wakes_waiters_with_balancer_error(self):
         """Leaving the balancer while tasks wait wakes them with a BalancerError."""
         async with anyio.create_task_group() as tg:
@@ -634,33 +483,6 @@ class TestLease:
 
 
 class TestRelease:
-    async def test_second_release_is_a_logged_no_op(self):
-        """Releasing a lease twice does nothing the second time and logs a warning."""
-        with structlog.testing.capture_logs() as logs:
-            async with running({"a": 2}) as (lb, _):
-                first, second = await lb.acquire(), await lb.acquire()
-                await lb.release(first)
-                before = lb.statistics()
-                await lb.release(first)
-                await lb.release(first.id, outcome="failed")
-                after = lb.statistics()
-                assert (after.in_flight, after.released_total) == (1, 1)
-                assert before.channels["a"] == after.channels["a"]
-                await lb.release(second)
-        warnings = [e for e in logs if e["event"] == "lease_already_released"]
-        assert len(warnings) == 2
-        assert all(e["log_level"] == "warning" for e in warnings)
-        assert all(e["lease_id"] == first.id for e in warnings)
-
-    async def test_release_by_id(self):
-        """A lease can be released by its id string."""
-        async with running({"a": 1}) as (lb, _):
-            lease = await lb.acquire()
-            await lb.release(lease.id, outcome="ok")
-            assert lease.released
-            assert lb.statistics().in_flight == 0
-            assert (await lb.acquire(timeout=0)).channel == "a"
-
     async def test_release_in_context_after_manual_release(self):
         """A lease released inside the context manager is not released again on exit."""
         async with running({"a": 1}) as (lb, _):
@@ -702,18 +524,6 @@ class TestRelease:
 
 
 class TestCooling:
-    async def test_throttled_cools_for_cooldown(self):
-        """ "throttled" makes the channel "cooling" (free 0, not in capacity) until the cooldown ends."""
-        async with running({"a": 2, "b": 1}, cooldown=0.2) as (lb, _):
-            await lb.release(await lb.acquire(channel="a"), outcome="throttled")
-            stats = lb.statistics()
-            assert stats.channels["a"].state == "cooling"
-            assert stats.channels["a"].free == 0
-            assert (stats.capacity, stats.free) == (1, 1)
-            assert (await lb.acquire(timeout=0)).channel == "b"
-            await eventually(lambda: channel_state(lb, "a") == "active")
-            assert lb.statistics().channels["a"].free == 2
-
     async def test_cooldown_length_on_fake_clock(self):
         """The channel cools for exactly ``cooldown`` seconds of the backend's clock."""
         backend = MemoryBackend()
@@ -728,17 +538,6 @@ class TestCooling:
             clock.advance(0.2)
             assert channel_state(lb, "a") == "active"
             await lb.release(await lb.acquire(timeout=0))
-
-    async def test_consecutive_failures_cool(self):
-        """failures_to_cool consecutive "failed" outcomes cool the channel; "ok" resets the count."""
-        async with running({"a": 1}, failures_to_cool=3, cooldown=60) as (lb, _):
-            for outcome in ("failed", "failed", "ok", "failed", "failed"):
-                await lb.release(await lb.acquire(timeout=0), outcome=outcome)
-            assert channel_state(lb, "a") == "active"
-            await lb.release(await lb.acquire(timeout=0), outcome="failed")
-            stats = lb.statistics().channels["a"]
-            assert stats.state == "cooling"
-            assert stats.failures_total == 5
 
     async def test_idle_after_cooldown(self):
         """Once a cooldown ends with nobody waiting, the balancer goes idle instead of spinning."""
@@ -782,121 +581,6 @@ class TestCooldownFairness:
             await lb.release(hold_b)
 
 
-class TestMapChanges:
-    async def test_new_channel_usable_at_once_and_wakes_waiters(self):
-        """A channel added by a refresh takes leases at once, starting with the waiters."""
-        async with running({"a": 1}) as (lb, source), anyio.create_task_group() as tg:
-            held = await lb.acquire()
-            waiters = [await start(tg, lb), await start(tg, lb, channel="new")]
-            assert isinstance(waiters[1].error, NoAccountsError)  # unknown until the refresh
-            source.set(raw({"a": 1, "new": 2}))
-            await lb.refresh()
-            await anyio.wait_all_tasks_blocked()
-            assert waiters[0].lease is not None and waiters[0].lease.channel == "new"
-            assert (await lb.acquire(channel="new", timeout=0)).channel == "new"
-            assert lb.statistics().channels["new"].in_flight == 2
-            del held
-
-    async def test_removed_channel_drains(self):
-        """A removed channel takes no new leases, keeps counting its live ones, then disappears."""
-        async with running({"a": 2, "b": 2}) as (lb, source):
-            leases = [await lb.acquire(channel="a") for _ in range(2)]
-            source.set(raw({"b": 2}))
-            await lb.refresh()
-            stats = lb.statistics()
-            assert stats.channels["a"].state == "draining"
-            assert stats.channels["a"].free == 0
-            assert stats.channels["a"].in_flight == 2
-            assert (stats.capacity, stats.free, stats.in_flight) == (2, 2, 2)
-            for _ in range(4):
-                lease = await lb.acquire(timeout=0)
-                assert lease.channel == "b"
-                await lb.release(lease)
-            await lb.release(leases[0])
-            assert lb.statistics().channels["a"].state == "draining"
-            await lb.release(leases[1], outcome="failed")
-            assert "a" not in lb.statistics().channels
-            assert lb.statistics().in_flight == 0
-
-    async def test_removed_idle_channel_disappears(self):
-        """A removed channel without leases disappears at once."""
-        async with running({"a": 2, "b": 2}) as (lb, source):
-            source.set(raw({"b": 2}))
-            await lb.refresh()
-            assert set(lb.statistics().channels) == {"b"}
-
-    async def test_readded_draining_channel(self):
-        """A draining channel that comes back is active again and keeps its live leases."""
-        async with running({"a": 2, "b": 2}) as (lb, source):
-            held = await lb.acquire(channel="a")
-            source.set(raw({"b": 2}))
-            await lb.refresh()
-            source.set(raw({"a": 2, "b": 2}))
-            await lb.refresh()
-            stats = lb.statistics().channels["a"]
-            assert (stats.state, stats.in_flight, stats.free) == ("active", 1, 1)
-            await lb.release(held)
-            assert lb.statistics().channels["a"].in_flight == 0
-
-    async def test_lowered_max_jobs(self):
-        """A lowered max_jobs takes no new lease until in_flight is under it."""
-        async with running({"a": 3}) as (lb, source):
-            leases = [await lb.acquire() for _ in range(3)]
-            source.set(raw({"a": 1}))
-            await lb.refresh()
-            stats = lb.statistics()
-            assert (stats.capacity, stats.in_flight, stats.free) == (1, 3, 0)
-            assert stats.channels["a"].free == 0
-            for lease in leases[:2]:
-                await lb.release(lease)
-                with pytest.raises(NoCapacityError):
-                    await lb.acquire(timeout=0)
-            await lb.release(leases[2])
-            again = await lb.acquire(timeout=0)
-            with pytest.raises(NoCapacityError):
-                await lb.acquire(timeout=0)
-            await lb.release(again)
-
-    async def test_raised_max_jobs_wakes_waiters(self):
-        """A raised max_jobs hands the new slots to waiters at once."""
-        async with running({"a": 1}) as (lb, source), anyio.create_task_group() as tg:
-            held = await lb.acquire()
-            waiters = [await start(tg, lb), await start(tg, lb, channel="a"), await start(tg, lb)]
-            source.set(raw({"a": 3}))
-            await lb.refresh()
-            await anyio.wait_all_tasks_blocked()
-            assert [w.lease is not None for w in waiters] == [True, True, False]
-            assert lb.statistics().waiting == 1
-            await lb.release(held)
-            await anyio.wait_all_tasks_blocked()
-            assert waiters[2].lease is not None
-            assert lb.statistics().in_flight == 3
-
-    async def test_changed_token_used_by_new_leases(self):
-        """A new token is used by new leases; a lease already out keeps its account."""
-        async with running({"a": 2}) as (lb, source):
-            old = await lb.acquire()
-            source.set(raw({"a": 2}, token="rotated"))
-            await lb.refresh()
-            new = await lb.acquire()
-            assert old.account.discord.reveal() == "tok-a"
-            assert new.account.discord.reveal() == "rotated-a"
-            await lb.release(old)
-            await lb.release(new)
-            assert lb.statistics().in_flight == 0
-
-    async def test_refresh_of_same_map_changes_nothing(self):
-        """Refreshing an unchanged map keeps counts and totals."""
-        async with running({"a": 2}) as (lb, source):
-            lease = await lb.acquire()
-            before = lb.statistics()
-            await lb.refresh()
-            after = lb.statistics()
-            assert before.channels == after.channels
-            assert source.fetch_count == 2
-            await lb.release(lease)
-
-
 class TestStatistics:
     async def test_fields(self):
         """Statistics count capacity and free over active channels and in_flight over all."""
@@ -934,18 +618,6 @@ class TestStatistics:
             for _ in range(100):
                 lb.statistics()
             assert source.fetch_count == fetches
-
-    async def test_free_never_negative(self):
-        """A channel over its lowered limit reports free 0, never negative."""
-        async with running({"a": 4}) as (lb, source):
-            for _ in range(4):
-                await lb.acquire()
-            source.set(raw({"a": 1}))
-            await lb.refresh()
-            stats = lb.statistics()
-            assert stats.channels["a"].free == 0
-            assert stats.free == 0
-            assert stats.in_flight == 4
 
     async def test_frozen_and_read_only(self):
         """Statistics are a frozen dataclass with a read-only channels mapping."""

@@ -5,18 +5,22 @@ The backend is exercised through the ``Backend`` protocol (two instances on one
 namespace stand for two processes) and through ``Balancer``; the last tests run
 real OS processes. The server comes from ``tests/_redis.py``: these tests
 never skip.
+
+What every backend must do (counts, map changes, selection, cooling, release)
+is in the contract suite, ``tests/backends/test_contract.py``, which runs on
+Redis too; this file keeps what only a shared, remote backend has: counts
+shared between processes, lease expiry and renewal, wake-ups, faults, epochs,
+URLs and clients, and real processes.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import random
 import signal
 import time
 import uuid
-from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -26,32 +30,16 @@ import redis
 from structlog.testing import capture_logs
 
 from balancer import BackendUnavailableError, Balancer, StaticAccountSource
-from balancer.backends.base import BackendConfig, ChannelCounts
+from balancer.backends.base import BackendConfig
 from balancer.backends.redis import RedisBackend
 from balancer.testing import make_accounts
+from tests._helpers import Wakeups
 from tests._redis import EVENT_PREFIX, RedisServer, dump_redis, spawn_worker
 
 pytestmark = pytest.mark.redis
 
 
 # -- helpers -----------------------------------------------------------------------
-
-
-class Wakeups:
-    """The ``notify`` callback: counts calls and lets a test wait for the next one."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self._event = anyio.Event()
-
-    def __call__(self) -> None:
-        self.calls += 1
-        self._event.set()
-
-    def arm(self) -> anyio.Event:
-        """An event set by the next call."""
-        self._event = anyio.Event()
-        return self._event
 
 
 def config(
@@ -97,12 +85,6 @@ async def opened(
             tg.cancel_scope.cancel()
 
 
-def ids(owner: str) -> Callable[[], str]:
-    """Lease ids as a balancer makes them: ``<owner>-<n>``."""
-    counter = itertools.count(1)
-    return lambda: f"{owner}-{next(counter)}"
-
-
 def in_flight(backend: RedisBackend, channel: str) -> int:
     counts = backend.counts().get(channel)
     return counts.in_flight if counts is not None else 0
@@ -131,14 +113,10 @@ def tokens_of(raw: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 
 class TestCounts:
-    async def test_set_map_shows_every_channel(self, redis_url: str, redis_namespace: str) -> None:
-        """After set_map, counts() lists each channel with its limit, idle and active."""
-        async with opened(redis_url, redis_namespace, limits={"c1": 2, "c2": 3}) as (b, _):
-            assert dict(b.counts()) == {
-                "c1": ChannelCounts(2, 0, "active"),
-                "c2": ChannelCounts(3, 0, "active"),
-            }
-            assert b.shared and not b.immediate and b.default_lease_ttl == 60.0
+    def test_flags(self) -> None:
+        """The Redis backend is shared, remote, and its leases expire unless renewed."""
+        b = RedisBackend("redis://127.0.0.1:6379/0")
+        assert b.shared and not b.immediate and b.default_lease_ttl == 60.0
 
     async def test_two_backends_share_counts(self, redis_url: str, redis_namespace: str) -> None:
         """Two backends on one namespace (two processes) see and respect each other's leases."""
@@ -157,152 +135,12 @@ class TestCounts:
             assert (await b.release("b-1", "ok")).status == "released"
             assert await a.try_acquire("a-3", None) == "c1"
 
-    async def test_concurrent_acquires_never_exceed_max_jobs(
-        self, redis_url: str, redis_namespace: str
-    ) -> None:
-        """Many tasks on two backends hammering three channels never exceed any max_jobs."""
-        limits = {"c1": 1, "c2": 2, "c3": 3}
-        running: Counter[str] = Counter()
-        peak: Counter[str] = Counter()
-        grants = 0
-
-        async def worker(backend: RedisBackend, next_id: Callable[[], str]) -> None:
-            nonlocal grants
-            for _ in range(15):
-                lease_id = next_id()
-                channel = await backend.try_acquire(lease_id, None)
-                if channel is None:
-                    await anyio.sleep(0.001)
-                    continue
-                running[channel] += 1  # counted after the grant, uncounted before release
-                peak[channel] = max(peak[channel], running[channel])
-                grants += 1
-                await anyio.sleep(random.uniform(0, 0.003))
-                running[channel] -= 1
-                await backend.release(lease_id, "ok")
-
-        async with (
-            opened(redis_url, redis_namespace, "a", limits=limits) as (a, _),
-            opened(redis_url, redis_namespace, "b", limits=limits) as (b, _),
-        ):
-            with anyio.fail_after(20):
-                async with anyio.create_task_group() as tg:
-                    for i in range(12):
-                        tg.start_soon(worker, a, ids(f"a{i}"))
-                        tg.start_soon(worker, b, ids(f"b{i}"))
-            await a.renew()
-            assert all(peak[c] <= m for c, m in limits.items()), peak
-            assert grants > 50
-            assert {c: n.in_flight for c, n in a.counts().items()} == dict.fromkeys(limits, 0)
-
-
-class TestMapChanges:
-    async def test_removed_channel_drains_then_disappears(
-        self, redis_url: str, redis_namespace: str
-    ) -> None:
-        """A channel missing from the map grants nothing, and goes with its last lease."""
-        async with opened(redis_url, redis_namespace, limits={"c1": 2, "c2": 2}) as (b, _):
-            assert await b.try_acquire("a-1", "c1") == "c1"
-            await b.set_map({"c2": 2})
-            assert b.counts()["c1"] == ChannelCounts(2, 1, "draining")
-            assert b.counts()["c1"].free == 0
-            assert await b.try_acquire("a-2", "c1") is None
-            for n in range(3, 7):
-                assert await b.try_acquire(f"a-{n}", None) in ("c2", None)
-            result = await b.release("a-1", "ok")
-            assert result.status == "released" and result.removed
-            assert "c1" not in b.counts()
-            await b.renew()
-            assert "c1" not in b.counts()
-
-    async def test_lowered_max_jobs_admits_no_one_until_under(
-        self, redis_url: str, redis_namespace: str
-    ) -> None:
-        """Lowering max_jobs lets holders finish but grants nothing until in_flight < max_jobs."""
-        async with opened(redis_url, redis_namespace, limits={"c1": 3}) as (b, _):
-            for n in (1, 2, 3):
-                assert await b.try_acquire(f"a-{n}", None) == "c1"
-            await b.set_map({"c1": 1})
-            assert b.counts()["c1"] == ChannelCounts(1, 3, "active")
-            assert b.counts()["c1"].free == 0
-            await b.release("a-1", "ok")
-            assert await b.try_acquire("a-4", None) is None
-            await b.release("a-2", "ok")
-            assert await b.try_acquire("a-5", None) is None
-            await b.release("a-3", "ok")
-            assert await b.try_acquire("a-6", None) == "c1"
-            assert await b.try_acquire("a-7", None) is None
-
-    async def test_raised_max_jobs_wakes_other_processes(
-        self, redis_url: str, redis_namespace: str
-    ) -> None:
-        """Raising max_jobs grants at once and wakes waiters in other processes."""
-        async with (
-            opened(redis_url, redis_namespace, "a", limits={"c1": 1}) as (a, _),
-            opened(redis_url, redis_namespace, "b", limits={"c1": 1}) as (b, b_wakeups),
-        ):
-            assert await a.try_acquire("a-1", None) == "c1"
-            assert await b.try_acquire("b-1", None) is None
-            woken = b_wakeups.arm()
-            await a.set_map({"c1": 3})
-            with anyio.fail_after(2):
-                await woken.wait()
-            assert await b.try_acquire("b-2", None) == "c1"
-            assert await b.try_acquire("b-3", None) == "c1"
-            assert await b.try_acquire("b-4", None) is None
-
 
 class TestSelection:
-    @pytest.mark.parametrize("selection", ["random", "weighted", "p2c"])
-    async def test_picks_only_channels_with_a_free_slot(
-        self, redis_url: str, redis_namespace: str, selection: str
-    ) -> None:
-        """Every selection mode picks only active channels with a free slot."""
-        limits = {f"c{i}": 2 for i in range(8)}
-        async with opened(redis_url, redis_namespace, limits=limits, selection=selection) as (
-            b,
-            _,
-        ):
-            for i in range(6):  # fill c0..c5
-                assert await b.try_acquire(f"a-{i}a", f"c{i}") == f"c{i}"
-                assert await b.try_acquire(f"a-{i}b", f"c{i}") == f"c{i}"
-            picks = {await b.try_acquire(f"a-x{n}", None) for n in range(4)}
-            assert picks == {"c6", "c7"}
-            assert await b.try_acquire("a-last", None) is None
-
-    async def test_weighted_is_proportional_to_free_slots(
+    async def test_p2c_samples_two_distinct_channels(
         self, redis_url: str, redis_namespace: str
     ) -> None:
-        """``weighted`` picks a channel with 8 free slots about 4 times as often as one with 2."""
-        async with opened(
-            redis_url, redis_namespace, limits={"big": 8, "small": 2}, selection="weighted"
-        ) as (b, _):
-            picks: Counter[str | None] = Counter()
-            next_id = ids("a")
-            for _ in range(400):
-                lease_id = next_id()
-                picks[await b.try_acquire(lease_id, None)] += 1
-                await b.release(lease_id, "ok")
-            share = picks["big"] / 400
-            assert 0.70 < share < 0.90, picks  # expected 0.8; sd 0.02
-
-    async def test_random_is_uniform_over_channels(
-        self, redis_url: str, redis_namespace: str
-    ) -> None:
-        """``random`` picks channels uniformly whatever their free slots."""
-        async with opened(
-            redis_url, redis_namespace, limits={"big": 8, "small": 2}, selection="random"
-        ) as (b, _):
-            picks: Counter[str | None] = Counter()
-            next_id = ids("a")
-            for _ in range(400):
-                lease_id = next_id()
-                picks[await b.try_acquire(lease_id, None)] += 1
-                await b.release(lease_id, "ok")
-            assert 0.40 < picks["big"] / 400 < 0.60, picks
-
-    async def test_p2c_takes_the_less_loaded(self, redis_url: str, redis_namespace: str) -> None:
-        """``p2c`` compares in_flight / max_jobs of its two samples."""
+        """``p2c`` on Redis samples two distinct channels: with two, the less loaded always wins."""
         async with opened(
             redis_url, redis_namespace, limits={"busy": 4, "idle": 4}, selection="p2c"
         ) as (b, _):
@@ -388,53 +226,6 @@ class TestLeases:
             assert renewed.released == {"a-1"} and not renewed.lost
             assert in_flight(a, "c1") == 0
             assert await a.try_acquire("a-2", None) == "c1"
-
-    async def test_release_is_idempotent(self, redis_url: str, redis_namespace: str) -> None:
-        """A second release changes nothing and says so."""
-        async with opened(redis_url, redis_namespace, limits={"c1": 2}) as (b, _):
-            assert await b.try_acquire("a-1", None) == "c1"
-            assert (await b.release("a-1", "ok")).status == "released"
-            assert (await b.release("a-1", "ok")).status == "unknown"
-            assert (await b.release("never-issued", "ok")).status == "unknown"
-            assert in_flight(b, "c1") == 0
-
-
-class TestCooling:
-    async def test_throttled_cools_the_channel_for_every_process(
-        self, redis_url: str, redis_namespace: str
-    ) -> None:
-        """A "throttled" release anywhere cools the channel fleet-wide for ``cooldown``."""
-        limits = {"c1": 2}
-        async with (
-            opened(redis_url, redis_namespace, "a", limits=limits, cooldown=0.4) as (a, _),
-            opened(redis_url, redis_namespace, "b", limits=limits, cooldown=0.4) as (b, _),
-        ):
-            assert await a.try_acquire("a-1", None) == "c1"
-            result = await a.release("a-1", "throttled")
-            assert result.cooled and result.cooling_for == pytest.approx(0.4)
-            assert await b.try_acquire("b-1", None) is None
-            await b.renew()
-            assert b.counts()["c1"].state == "cooling"
-            wakeup = b.next_wakeup()
-            assert wakeup is not None and 0 < wakeup <= 0.5
-            with anyio.fail_after(2):
-                await anyio.sleep(wakeup)  # what the balancer's wake loop does
-                assert await b.try_acquire("b-2", None) == "c1"
-            assert b.counts()["c1"].state == "active"
-
-    async def test_consecutive_failures_cool(self, redis_url: str, redis_namespace: str) -> None:
-        """``failures_to_cool`` consecutive "failed" cool the channel; "ok" resets the streak."""
-        async with opened(
-            redis_url, redis_namespace, limits={"c1": 1}, failures_to_cool=2, cooldown=30
-        ) as (b, _):
-            outcomes = ["failed", "ok", "failed", "abandoned", "failed"]
-            results = []
-            for n, outcome in enumerate(outcomes):
-                assert await b.try_acquire(f"a-{n}", None) == "c1"
-                results.append((await b.release(f"a-{n}", outcome)).cooled)  # type: ignore[arg-type]
-            assert results == [False, False, False, False, True]
-            assert b.counts()["c1"].state == "cooling"
-            assert await b.try_acquire("a-x", None) is None
 
 
 class TestWakeups:

@@ -1,5 +1,5 @@
 """
-The secrets audit: one scenario that touches every surface, then a search of every byte.
+The secrets suite: one scenario that touches every surface, then a search of every byte.
 
 The scenario runs, with distinctive fake credentials (40 letters drawn from an
 alphabet without hex digits, so no lease id, hash, address or timestamp can
@@ -14,11 +14,15 @@ match an 8-character slice by chance):
   fault, 500 with a token in the body, a malformed body quoting tokens, a
   redirect, a non-loopback ``http://`` URL, a token in the URL's userinfo),
   and ``balancer fake-server`` serving a map file of our tokens;
-* in process, on asyncio and on trio: errors of every kind (``AuthError``,
-  each ``SourceError`` variant, ``ConfigNotFoundError``, ``AccountMapError``,
-  ``NoAccountsError``, ``NoCapacityError``, ``LeaseError``,
+* in process, on asyncio and on trio: every failed fetch (each HTTP status,
+  redirect, timeout, network fault and malformed body) straight from the
+  source, on a balancer's enter and on a running balancer's refresh (with
+  the statistics that describe it); errors of every other kind
+  (``NoAccountsError``, ``NoCapacityError``, ``LeaseError``,
   ``StaleAccountMapError``, ``BackendUnavailableError`` with Redis killed or
-  refusing a password in the URL),
+  refusing a password in the URL); lease traffic with every outcome and
+  misuse (released twice, by id, unknown ids, a job raising with a token in
+  its message); a map rotated under a lease that is out; rejected entries;
   a :class:`~balancer.Balancer` on ``RedisBackend`` doing acquire / release /
   map change with every token rotated, a :class:`~balancer.SyncBalancer`, and
   the Prometheus exposition of each balancer;
@@ -31,7 +35,8 @@ the repr / str / format of every public object, the Prometheus text, and
 every key and value in Redis (``SCAN`` of the whole server, dumped by type)
 for any credential or any 8-character slice of one.
 
-``TestRegressions`` keeps fixed the leaks and faults this audit found.
+``test_public_objects`` checks the public objects before any use, without
+I/O; ``TestRegressions`` keeps fixed the leaks and faults this suite found.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ import subprocess
 import sys
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +61,7 @@ import structlog.testing
 from prometheus_client import CollectorRegistry, generate_latest
 
 from balancer import (
+    Account,
     AccountMapError,
     AuthError,
     BackendUnavailableError,
@@ -220,6 +226,12 @@ class Audit:
         for text in exception_texts(exc):
             self.add(f"exception {type(exc).__name__} ({where})", text)
 
+    def logs(self, where: str, events: Iterable[Mapping[str, Any]]) -> None:
+        """structlog events, whole and value by value."""
+        for event in events:
+            self.add(where, repr(event))
+            self.texts += [(f"{where} value", str(value)) for value in event.values()]
+
     async def expect(
         self, where: str, error: type[BaseException], call: Callable[[], Awaitable[Any]]
     ) -> None:
@@ -294,43 +306,20 @@ def prometheus(lb: object) -> str:
 
 
 async def http_errors(audit: Audit, fakes: dict[str, FakeUseapi]) -> None:
-    """Every failed fetch, straight from the source and through a balancer's enter."""
+    """Every failed fetch: straight from the source, on a balancer's enter, on a refresh."""
     good = fakes["good"]
-    cases: list[tuple[str, Callable[[FakeUseapi], None], type[BalancerError]]] = [
-        ("401", lambda f: f.set_status(401), AuthError),
-        ("403", lambda f: f.set_status(403, f"forbidden {API_TOKEN}"), AuthError),
-        ("404", lambda f: f.set_accounts(None), ConfigNotFoundError),
-        ("429", lambda f: f.set_status(429, DISCORD[0]), SourceError),
-        ("500", lambda f: f.set_status(500, f'{{"error": "{DISCORD[1]}"}}'), SourceError),
-        ("503", lambda f: f.set_status(503), SourceError),
-        ("redirect", lambda f: f.set_redirect("http://127.0.0.1:9/elsewhere"), SourceError),
-        (
-            "truncated",
-            lambda f: f.set_body(f'{{"a": {{"discord": "{DISCORD[2]}", '),
-            AccountMapError,
-        ),
-        ("not-object", lambda f: f.set_body(json.dumps([API_TOKEN, DISCORD[0]])), AccountMapError),
-        ("not-utf8", lambda f: f.set_body(DISCORD[0].encode() + b"\xff\xfe"), AccountMapError),
-        ("timeout", lambda f: f.set_delay(3), SourceError),
-    ]
-    for name, inject, error in cases:
-        inject(good)
-        source = good.source(timeout=0.5)
-        audit.obj(f"source {name}", source)
-        async with source:
-            await audit.expect(f"fetch {name}", error, source.fetch)
-        if error is not ConfigNotFoundError:  # a 404 on enter enters with an empty map
-            await audit.expect(
-                f"enter {name}", error, lambda: _enter(Balancer(good.source(timeout=0.5)))
-            )
-        good.clear_fault()
-        good.set_accounts(v1_map(DISCORD))
+    async with Balancer(good.source(timeout=0.5), ttl=3600) as refreshing:
+        await _fetch_errors(audit, good, refreshing)
     # Wrong token, unreachable upstream, a non-loopback http URL (ValueError).
     wrong = UseapiAccountSource(WRONG_TOKEN, base_url=good.base_url)
+    audit.obj("wrong source", wrong)
     await audit.expect("wrong token", AuthError, lambda: _enter(Balancer(wrong)))
-    dead = UseapiAccountSource(API_TOKEN, base_url=f"http://127.0.0.1:{closed_port()}", timeout=1)
+    dead_url = f"http://127.0.0.1:{closed_port()}"
+    dead = UseapiAccountSource(API_TOKEN, base_url=dead_url, timeout=1)
     await audit.expect("network", SourceError, dead.fetch)
     await dead.aclose()
+    dead = UseapiAccountSource(API_TOKEN, base_url=dead_url, timeout=1)
+    await audit.expect("network enter", SourceError, lambda: _enter(Balancer(dead)))
     constructors: list[Callable[[], object]] = [
         lambda: UseapiAccountSource(API_TOKEN, base_url="http://example.com"),
         lambda: UseapiAccountSource(API_TOKEN + " x"),
@@ -346,6 +335,44 @@ async def http_errors(audit: Audit, fakes: dict[str, FakeUseapi]) -> None:
     with pytest.raises(ValueError) as schema_info:
         parse_account_map({}, schema="v3")
     audit.exc("parse schema", schema_info.value)
+
+
+async def _fetch_errors(audit: Audit, good: FakeUseapi, refreshing: Balancer) -> None:
+    """Each fault of the fake upstream, through a source, an enter and ``refreshing``."""
+    cases: list[tuple[str, Callable[[FakeUseapi], None], type[BalancerError]]] = [
+        ("401", lambda f: f.set_status(401), AuthError),
+        ("403", lambda f: f.set_status(403, f"forbidden {API_TOKEN}"), AuthError),
+        ("404", lambda f: f.set_accounts(None), ConfigNotFoundError),
+        ("429", lambda f: f.set_status(429, DISCORD[0]), SourceError),
+        ("500", lambda f: f.set_status(500, f'{{"error": "{DISCORD[1]}"}}'), SourceError),
+        ("503", lambda f: f.set_status(503), SourceError),
+        ("redirect", lambda f: f.set_redirect("http://127.0.0.1:9/elsewhere"), SourceError),
+        (
+            "truncated",
+            lambda f: f.set_body(f'{{"a": {{"discord": "{DISCORD[2]}", '),
+            AccountMapError,
+        ),
+        ("not-object", lambda f: f.set_body(json.dumps([API_TOKEN, DISCORD[0]])), AccountMapError),
+        ("not-utf8", lambda f: f.set_body(DISCORD[0].encode() + b"\xff\xfe"), AccountMapError),
+        ("json-string", lambda f: f.set_body(f'"{API_TOKEN}"'), AccountMapError),
+        ("timeout", lambda f: f.set_delay(3), SourceError),
+    ]
+    for name, inject, error in cases:
+        inject(good)
+        source = good.source(timeout=0.5)
+        audit.obj(f"source {name}", source)
+        async with source:
+            await audit.expect(f"fetch {name}", error, source.fetch)
+        if error is not ConfigNotFoundError:  # a 404 on enter enters with an empty map
+            await audit.expect(
+                f"enter {name}", error, lambda: _enter(Balancer(good.source(timeout=0.5)))
+            )
+        await audit.expect(f"refresh {name}", error, refreshing.refresh)
+        assert refreshing.statistics().last_refresh_error is not None
+        audit.obj(f"statistics after refresh {name}", refreshing.statistics())
+        good.clear_fault()
+        good.set_accounts(v1_map(DISCORD))
+    await refreshing.refresh()
 
 
 async def balancer_errors(audit: Audit, fakes: dict[str, FakeUseapi]) -> None:
@@ -381,6 +408,27 @@ async def balancer_errors(audit: Audit, fakes: dict[str, FakeUseapi]) -> None:
         await lb.release(leases[0], outcome="throttled")
         await lb.release(leases[0])  # twice: a warning
         await lb.release(leases[1], outcome="failed")
+        # Every outcome in turn (cooling channels), released by lease and by id.
+        for i in range(12):
+            lease = await lb.acquire(timeout=1)
+            audit.obj("traffic lease", lease)
+            await lb.release(lease, outcome=("ok", "failed", "ok", "throttled")[i % 4])
+        async with lb.acquire(timeout=1) as lease:
+            audit.obj("context lease", lease)
+        by_id = await lb.acquire(timeout=1)
+        await lb.release(by_id.id)
+        await lb.release(by_id.id)  # twice by id: a warning
+        # Every token rotated while a lease is out: that lease keeps its account.
+        held = await lb.acquire(timeout=1)
+        good.set_accounts(v1_map(ROTATED))
+        await lb.refresh()
+        rotated = await lb.acquire(timeout=1, channel=held.channel)
+        assert held.account.discord.reveal() in DISCORD
+        assert rotated.account.discord.reveal() in ROTATED
+        for lease in (held, rotated):
+            audit.obj("rotation lease", lease)
+            audit.obj("rotation account", lease.account)
+            await lb.release(lease)
         good.set_accounts(None)
         await audit.expect("refresh 404", ConfigNotFoundError, lb.refresh)
         good.set_status(500, f"boom {DISCORD[0]}")
@@ -413,8 +461,14 @@ async def balancer_errors(audit: Audit, fakes: dict[str, FakeUseapi]) -> None:
         parsed = parse_account_map(bad, schema=schema)
         audit.obj(f"rejected {schema}", parsed)
         audit.texts += [("rejected reason", r.reason) for r in parsed.rejected]
-    async with Balancer(StaticAccountSource(bad)) as rejecting:  # logs each rejected entry
-        await audit.expect("all rejected", NoAccountsError, lambda: rejecting.acquire(timeout=0))
+    assert parse_account_map(bad).accounts == {}
+    with structlog.testing.capture_logs() as rejected_logs:
+        async with Balancer(StaticAccountSource(bad)) as rejecting:  # logs each rejected entry
+            await audit.expect(
+                "all rejected", NoAccountsError, lambda: rejecting.acquire(timeout=0)
+            )
+    audit.logs("structlog (rejected)", rejected_logs)
+    assert sum(e["event"] == "account_rejected" for e in rejected_logs) == len(bad)
     async with Balancer(good.source(schema="v2")) as v2:
         lease = await v2.acquire(timeout=1)
         assert lease.account.discord.reveal() in JWT
@@ -525,7 +579,7 @@ def sync_scenario(audit: Audit, fakes: dict[str, FakeUseapi]) -> None:
 # -- the test --------------------------------------------------------------------------
 
 
-class TestSecretsAudit:
+class TestSecrets:
     def test_no_secret_reaches_any_output(
         self,
         redis_url: str,
@@ -610,9 +664,7 @@ class TestSecretsAudit:
         captured = capfd.readouterr()
         audit.add("stdout", captured.out)
         audit.add("stderr", captured.err)
-        for event in logs:
-            audit.add("structlog", repr(event))
-            audit.texts += [("structlog value", str(value)) for value in event.values()]
+        audit.logs("structlog", logs)
         for record in caplog.records:
             audit.add("stdlib log", record.getMessage())
             audit.add("stdlib record", repr(record.__dict__))
@@ -639,6 +691,27 @@ class TestSecretsAudit:
         probe.add("probe", "token=discord-token-0123abcd")
         with pytest.raises(AssertionError):
             probe.check(OURS)
+
+    def test_public_objects(self) -> None:
+        """Secret, Account, sources and balancers print masked in every form, before any use."""
+        secret = Secret(API_TOKEN)
+        account = Account("c1", "s", Secret(DISCORD[0]), 3)
+        objects: list[object] = [
+            secret,
+            account,
+            UseapiAccountSource(API_TOKEN),
+            StaticAccountSource({"c1": account}),
+            StaticAccountSource(v1_map(DISCORD)),
+            Balancer(UseapiAccountSource(API_TOKEN)),
+            SyncBalancer(UseapiAccountSource(API_TOKEN)),
+            parse_account_map(v2_map(), schema="v2"),
+        ]
+        audit = Audit()
+        for obj in objects:
+            audit.obj(type(obj).__name__, obj)
+        audit.add("secret padded", f"{secret:>60}")
+        audit.check(OURS)
+        assert secret.reveal() == API_TOKEN
 
 
 class _fakes:
