@@ -215,12 +215,24 @@ class Balancer:
         self._set_running(False)
         self._closed = True
         self._scheduler.close()
+        await self._settle_backend()
         task_group.cancel_scope.cancel()
         # NOTE: the group's own scope must be the innermost when it exits, so
         # it is left first; only then is the close shielded.
         await task_group.__aexit__(None, None, None)
         with anyio.CancelScope(shield=True):
             await self._close_quietly()
+
+    async def _settle_backend(self) -> None:
+        # NOTE: while the task group still runs: a backend's client may live in it.
+        settle = getattr(self._backend, "settle", None)
+        if settle is None:
+            return
+        with anyio.CancelScope(shield=True):
+            try:
+                await settle()
+            except Exception as error:  # noqa: BLE001 - closing must not mask the exit
+                logger.warning("backend_settle_failed", error=describe_error(error))
 
     def _set_running(self, running: bool) -> None:
         self._running = self._scheduler.running = running

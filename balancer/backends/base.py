@@ -183,6 +183,14 @@ class Backend(Protocol):
         """
         ...
 
+    async def settle(self) -> None:
+        """
+        Finish what is owed to the server before the balancer stops (a grant in
+        doubt, a release that failed), within a bounded time. Called on exit
+        while the balancer's task group still runs, before :meth:`close`.
+        """
+        ...
+
     async def close(self) -> None:
         """
         Stop serving. Leases still out are left as they are: their jobs may

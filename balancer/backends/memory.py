@@ -117,6 +117,9 @@ class MemoryBackend:
             channel.index_pos, channel.index_slots = -1, None
             self._index.update(channel, channel.free())
 
+    async def settle(self) -> None:
+        pass  # nothing is ever owed: every operation completes in place
+
     async def close(self) -> None:
         self._config = None
         self._notify = _noop

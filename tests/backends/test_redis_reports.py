@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from balancer import (
+    BackendUnavailableError,
     Balancer,
     Lease,
     NoCapacityError,
@@ -217,6 +218,42 @@ class TestGrantsInDoubt:
         inf, leases = raw_counts(redis_url, redis_namespace)
         assert leases == 0
         assert sum(inf.values()) == 0
+
+    async def test_a_grant_cut_by_the_backend_timeout_comes_back_at_once(
+        self, redis_url: str, redis_namespace: str
+    ) -> None:
+        """A grant that lands after its round trip timed out is handed back at once (#10, item 3)."""
+        backend = RedisBackend(redis_url, namespace=redis_namespace, timeout=0.3)
+        source = StaticAccountSource(make_accounts(1, max_jobs=1))
+        admin = redis.Redis.from_url(redis_url)
+        try:
+            async with Balancer(source, backend=backend, ttl=3600, lease_ttl=30) as lb:
+                admin.client_pause(800, all=True)
+                with pytest.raises(BackendUnavailableError):
+                    await lb.acquire(timeout=5)
+                # Renewals come every 10 s: only an immediate give-back is this fast.
+                await eventually(lambda: raw_counts(redis_url, redis_namespace)[1] == 0, 3)
+                lease = await lb.acquire(timeout=0)
+                await lb.release(lease)
+        finally:
+            admin.close()
+
+    async def test_close_settles_a_grant_in_doubt(
+        self, redis_url: str, redis_namespace: str
+    ) -> None:
+        """Closing right after a cut round trip still leaves Redis without the lease (#10, item 3)."""
+        backend = RedisBackend(redis_url, namespace=redis_namespace, timeout=0.3)
+        source = StaticAccountSource(make_accounts(1, max_jobs=1))
+        admin = redis.Redis.from_url(redis_url)
+        try:
+            async with Balancer(source, backend=backend, ttl=3600, lease_ttl=30) as lb:
+                admin.client_pause(500, all=True)
+                with pytest.raises(BackendUnavailableError):
+                    await lb.acquire(timeout=5)
+        finally:
+            admin.close()
+        inf, leases = raw_counts(redis_url, redis_namespace)
+        assert (sum(inf.values()), leases) == (0, 0)
 
 
 class TestFreshStatistics:

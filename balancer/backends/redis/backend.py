@@ -173,12 +173,24 @@ class RedisBackend:
         try:
             await self._sync(adopt=True)
             self._listener = Listener(
-                client, self._wake_channel, notify=notify, sync=self._sync, down=self._down
+                client,
+                self._wake_channel,
+                notify=notify,
+                sync=self._sync,
+                down=self._down,
+                owed=self._leases.owes,
             )
             await self._listener.start(task_group)
         except BaseException:
             await self.close()
             raise
+
+    async def settle(self) -> None:
+        # NOTE: releases owed to the server (a grant in doubt, a release that
+        # failed) are settled before the client goes (under trio the client
+        # lives in the balancer's task group): after a clean shutdown Redis
+        # holds no lease that nobody holds.
+        await self._settle_owed()
 
     async def close(self) -> None:
         listener, self._listener = self._listener, None
@@ -188,6 +200,21 @@ class RedisBackend:
         if client is not None:
             await client.aclose()
         self._config = None
+
+    async def _settle_owed(self) -> None:
+        """Run the owed releases, retrying for a bounded time (a close's last sync)."""
+        if self._client is None or self._config is None:
+            return
+        with anyio.move_on_after(max(1.0, 2 * self._timeout), shield=True):
+            while self._leases.owes():
+                try:
+                    await self._sync()
+                except BackendUnavailableError:
+                    await anyio.sleep(0.05)
+
+    def _owe(self) -> None:
+        if self._listener is not None:
+            self._listener.settle_soon()
 
     async def set_map(self, limits: Mapping[str, int]) -> None:
         self._map = {channel: min(max_jobs, MAX_JOBS_CAP) for channel, max_jobs in limits.items()}
@@ -205,8 +232,9 @@ class RedisBackend:
             reply = await self._run(scripts.ACQUIRE, [lease_id, channel or "", selection, ttl_ms])
         except BaseException:
             # NOTE: the grant may have happened before the failure or the
-            # cancellation; the next sync gives the slot back.
+            # cancellation; a sync gives the slot back as soon as Redis answers.
             self._leases.grant_in_doubt(lease_id, sent + ttl)
+            self._owe()
             raise
         view = self._view
         view.clock(reply[1], sent)
@@ -234,8 +262,9 @@ class RedisBackend:
         try:
             reply = await self._run(scripts.RELEASE, args)
         except BaseException:
-            # NOTE: retried by the next sync, until it would expire
+            # NOTE: retried by a sync as soon as Redis answers, until it would expire
             self._leases.release_failed(lease_id, outcome, held)
+            self._owe()
             raise
         self._view.clock(reply[1], sent)
         status = RELEASE_STATUS[int(reply[0])]

@@ -91,6 +91,10 @@ class LeaseBook:
         self._orphans.pop(lease_id, None)
         return self.live.pop(lease_id, None)
 
+    def owes(self) -> bool:
+        """Whether a release is owed to the server (a grant in doubt, a failed release)."""
+        return bool(self._pending or self._orphans)
+
     def release_failed(self, lease_id: str, outcome: ReleaseOutcome, held: Held | None) -> None:
         """A release of ours failed: the syncs run it until the lease would expire."""
         if held is not None:

@@ -58,12 +58,14 @@ class Listener:
         notify: Callable[[], None],
         sync: Callable[[], Awaitable[None]],
         down: Callable[[BaseException], None],
+        owed: Callable[[], bool] = lambda: False,
     ) -> None:
         self._client = client
         self._channel = channel
         self._notify = notify
         self._sync = sync
         self._down = down
+        self._owed = owed
         self._check = anyio.Event()
         self._scopes: list[anyio.CancelScope] = []
         self._background = 0  # background tasks still running
@@ -138,8 +140,18 @@ class Listener:
             if not self._background:
                 self._idle.set()
 
+    def settle_soon(self) -> None:
+        """Run a sync now: a grant in doubt or a failed release is owed to the server."""
+        self._check.set()
+
     async def _checker(self) -> None:
-        """Run a sync each time the listener asks (a reconnection, a new epoch)."""
+        """
+        Run a sync each time it is asked: a reconnection, a new epoch, or a
+        release owed to the server (a grant in doubt, a release that failed),
+        which is retried with backoff until Redis takes it, so a slot nobody
+        holds comes back at once instead of at the next renewal round.
+        """
+        backoff = _BACKOFF_MIN
         with anyio.CancelScope() as scope, self._running():
             self._scopes.append(scope)
             while True:
@@ -148,7 +160,12 @@ class Listener:
                 try:
                     await self._sync()
                 except (BackendUnavailableError, RuntimeError):
-                    continue  # the listener asks again after its next reconnection
+                    if self._owed():
+                        await anyio.sleep(backoff)
+                        backoff = min(backoff * 2, _BACKOFF_MAX)
+                        self._check.set()
+                    continue  # else the listener asks again after its next reconnection
+                backoff = _BACKOFF_MIN
                 self._notify()
 
 

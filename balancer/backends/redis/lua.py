@@ -24,6 +24,10 @@ local SEP = '\0'
 local WAKE = P .. 'wake'  -- the pub/sub channel
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+-- The server's clock in microseconds, the second field of every reply: scripts
+-- run one at a time, so it orders their replies (a client applies only the
+-- newest figures of a channel, whatever order replies arrive in).
+local stamp = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local wake = false
 local due = 0  -- P:meta.due as this script knows it
 

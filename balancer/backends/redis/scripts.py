@@ -140,8 +140,8 @@ ACQUIRE = Script.of(
 -- ARGV[3] lease id; ARGV[4] pinned channel or ""; ARGV[5] selection
 --   ("random", "weighted", "p2c"); ARGV[6] lease ttl (ms)
 -- return: {-1, epoch} epoch mismatch
---         {1, now, channel, max_jobs, in_flight} granted
---         {0, now, first lease expiry or -1, first cooldown end or -1, settle,
+--         {1, stamp, channel, max_jobs, in_flight} granted
+--         {0, stamp, first lease expiry or -1, first cooldown end or -1, settle,
 --            pinned channel's figures (max_jobs -1: unknown)...} nothing free
 local meta = redis.call('HMGET', META, 'epoch', 'settle', 'due')
 if meta[1] ~= ARGV[1] then return {-1, meta[1] or ''} end
@@ -200,11 +200,11 @@ if not ch then
   local held = redis.call('HGET', LCH, id)
   if held then  -- a retried call whose first attempt was granted
     local f = slow().figures(held)
-    return finish({1, now, held, f[1], f[2]})
+    return finish({1, stamp, held, f[1], f[2]})
   end
   local lease = redis.call('ZRANGE', LEASES, 0, 0, 'WITHSCORES')
   local cooldown = redis.call('ZRANGE', P .. 'cool', 0, 0, 'WITHSCORES')
-  local reply = {0, now, tonumber(lease[2] or -1), tonumber(cooldown[2] or -1), settle}
+  local reply = {0, stamp, tonumber(lease[2] or -1), tonumber(cooldown[2] or -1), settle}
   if want ~= '' then
     for _, v in ipairs(slow().figures(want)) do table.insert(reply, v) end
   end
@@ -215,7 +215,7 @@ redis.call('SREM', TOK, ch .. SEP .. inf)
 if inf >= max then redis.call('SREM', FREE, ch) end
 redis.call('ZADD', LEASES, now + ttl, id)
 soon(now + ttl)
-return finish({1, now, ch, max, inf})
+return finish({1, stamp, ch, max, inf})
 """,
 )
 
@@ -231,14 +231,14 @@ RELEASE = Script.of(
 -- ARGV[7] "0": no "released" tombstone (the owner, with no renewal in flight);
 --   anything else or absent: leave one
 -- return: {-1, epoch} epoch mismatch
---         {status (0 unknown, 1 released, 2 lost), now, channel or "",
+--         {status (0 unknown, 1 released, 2 lost), stamp, channel or "",
 --          cooled (0/1), removed (0/1), channel's figures (4 values)}
 local meta = redis.call('HMGET', META, 'epoch', 'due')
 if meta[1] ~= ARGV[1] then return {-1, meta[1] or ''} end
 upkeep(meta[2])
 local status, ch, cooled, removed, f = release_one(
   ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7] ~= '0')
-local reply = {status, now, ch or '', cooled and 1 or 0, removed and 1 or 0}
+local reply = {status, stamp, ch or '', cooled and 1 or 0, removed and 1 or 0}
 for _, v in ipairs(f or {-1, 0, 0, 0}) do table.insert(reply, v) end
 return finish(reply)
 """,
@@ -262,7 +262,7 @@ SYNC = Script.of(
 -- then n x (channel, max_jobs), n x (lease id, channel, max_jobs hint,
 -- "1" if the holder knows it has not expired), n x (lease id, outcome).
 -- return: {-1, epoch} epoch mismatch (strict mode)
---         {1, now, epoch, settle, lease statuses (one string: "k" kept,
+--         {1, stamp, epoch, settle, lease statuses (one string: "k" kept,
 --          "a" re-asserted after data loss, "r" released elsewhere, "l" lost),
 --          HGETALL max, HGETALL inf, SMEMBERS drain, ZRANGE cool WITHSCORES,
 --          release statuses (one string, a digit a release: as RELEASE's status,
@@ -373,7 +373,7 @@ for i = 0, n_releases - 1 do
 end
 
 return finish({
-  1, now, epoch, num(redis.call('HGET', META, 'settle')), table.concat(statuses),
+  1, stamp, epoch, num(redis.call('HGET', META, 'settle')), table.concat(statuses),
   redis.call('HGETALL', MAX), redis.call('HGETALL', INF),
   redis.call('SMEMBERS', DRAIN), redis.call('ZRANGE', COOL, 0, -1, 'WITHSCORES'),
   table.concat(released),

@@ -10,6 +10,13 @@ Time is the server's in every script, so cooldowns and expiries mean the same
 to every process whatever their clocks: each reply re-estimates the offset
 between the server's clock and ours (half the round trip is the error, hence
 ``_WAKE_MARGIN``).
+
+Replies of concurrent round trips (several connections) may arrive in any
+order. Every reply is stamped with the server's clock in microseconds, and
+scripts run one at a time, so the stamp orders them: a channel's figures are
+replaced only by figures stamped later than the ones they replace. Without
+that, an older reply applied last showed ``in_flight`` 1-2 after every lease
+was released, until the next sync.
 """
 
 from __future__ import annotations
@@ -46,8 +53,13 @@ class _Channel:
 class ChannelView:
     """Every known channel's figures, the server's clock offset and the next instants due."""
 
+    # Invariants: ``_stamps[c]`` is the server stamp (us) of the figures held
+    # for ``c`` (or of its removal); figures stamped earlier are ignored.
+
     def __init__(self) -> None:
         self._channels: dict[str, _Channel] = {}
+        self._stamps: dict[str, int] = {}
+        self._stamp = 0  # the stamp of the reply being taken in
         self._view: Mapping[str, ChannelCounts] | None = None
         self._offset = 0.0  # server seconds minus local monotonic seconds
         self._next_expiry: float | None = None
@@ -57,9 +69,20 @@ class ChannelView:
 
     # -- the server's clock ---------------------------------------------------------
 
-    def clock(self, server_ms: Any, sent: float) -> None:
-        """Re-estimate the server clock's offset from a reply stamped ``server_ms``."""
-        self._offset = int(server_ms) / 1000 - (sent + time.monotonic()) / 2
+    def clock(self, server_us: Any, sent: float) -> None:
+        """
+        Take in a reply stamped ``server_us``: re-estimate the clock offset, and
+        stamp the figures that the same reply brings.
+        """
+        self._stamp = stamp = int(server_us)
+        self._offset = stamp / 1_000_000 - (sent + time.monotonic()) / 2
+
+    def _newer(self, name: str) -> bool:
+        """Whether the reply being taken in is newer than what is held for ``name``."""
+        if self._stamps.get(name, -1) > self._stamp:
+            return False
+        self._stamps[name] = self._stamp
+        return True
 
     def local(self, server_ms: int) -> float:
         """A server instant (ms) as local monotonic seconds."""
@@ -78,6 +101,8 @@ class ChannelView:
     # -- figures ----------------------------------------------------------------------
 
     def put(self, name: str, max_jobs: int, in_flight: int, state: int, cool_ms: int) -> None:
+        if not self._newer(name):
+            return
         till = self.local(cool_ms) if state == 2 and cool_ms else 0.0
         self._channels[name] = _Channel(max_jobs, in_flight, _STATES[state], till)
         if till:
@@ -95,6 +120,8 @@ class ChannelView:
             self.put(name, max_jobs, in_flight, state, cool_ms)
 
     def drop(self, name: str) -> None:
+        if not self._newer(name):
+            return
         self._channels.pop(name, None)
         self._cooling_names.discard(name)
         self._view = None
@@ -111,18 +138,33 @@ class ChannelView:
         in_flight = {text(k): int(v) for k, v in zip(infs[::2], infs[1::2], strict=True)}
         draining = {text(ch) for ch in drains}
         cooling = {text(k): int(float(v)) for k, v in zip(cools[::2], cools[1::2], strict=True)}
+        stamp, stamps, old = self._stamp, self._stamps, self._channels
         channels: dict[str, _Channel] = {}
-        self._cooling_names = set()
         for raw, raw_max in zip(maxes[::2], maxes[1::2], strict=True):
             name = text(raw)
+            if stamps.get(name, -1) > stamp:
+                if name in old:  # NOTE: a later reply already told us more
+                    channels[name] = old[name]
+                continue
+            stamps[name] = stamp
             till = self.local(cooling[name]) if name in cooling else 0.0
             state: ChannelState = (
                 "draining" if name in draining else "cooling" if till else "active"
             )
             channels[name] = _Channel(int(raw_max), in_flight.get(name, 0), state, till)
-            if till:
-                self._cooling_names.add(name)
+        for name, channel in old.items():
+            # Channels the sync did not list are gone, unless a later reply put them.
+            if name not in channels and stamps.get(name, -1) > stamp:
+                channels[name] = channel
+        for name in [n for n in stamps if n not in channels]:
+            # Gone as of this sync: a late older reply must not bring it back;
+            # forgotten at the next sync (no reply outlives a round trip).
+            if stamps[name] < stamp and name not in old:
+                del stamps[name]
+            else:
+                stamps[name] = max(stamps[name], stamp)
         self._channels = channels
+        self._cooling_names = {n for n, ch in channels.items() if ch.cooling_until}
         self._view = None
 
     # -- answers ----------------------------------------------------------------------
