@@ -22,10 +22,10 @@ Kept out of the contract, on purpose:
 * Redis never publishes an empty map (a process without channels must not
   drain the fleet's), so every map here keeps at least one channel.
 
-Backend-specific behaviour stays elsewhere: ``tests/test_memory_backend.py``
+Backend-specific behaviour stays elsewhere: ``tests/backends/test_memory.py``
 (the fake clock, the model test), ``tests/test_balancer.py`` (waiting,
 timeouts, cancellation and the memory backend's direct hand-off) and
-``tests/test_redis_backend.py`` (shared counts, lease expiry, faults, epochs,
+``tests/backends/test_redis.py`` (shared counts, lease expiry, faults, epochs,
 clients, real processes).
 """
 

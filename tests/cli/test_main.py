@@ -18,7 +18,7 @@ import structlog
 from balancer import cli
 from balancer.testing import FakeUseapi, make_accounts, make_v2_accounts, random_token
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_balancer(*args: str, env: dict[str, str] | None = None, timeout: float = 60):
