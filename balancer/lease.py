@@ -58,7 +58,6 @@ class Lease:
         "_outcome",
         "_outcome_set",
         "_owner",
-        "_sync",
         "account",
         "acquired_at",
         "channel",
@@ -77,7 +76,6 @@ class Lease:
         self._outcome: Outcome = "ok"
         self._outcome_set = False
         self._owner = owner
-        self._sync: SyncReleaser | None = None
 
     @property
     def outcome(self) -> Outcome:
@@ -91,7 +89,9 @@ class Lease:
         self._outcome_set = True
 
     def __enter__(self) -> Self:
-        if self._sync is None:
+        # The blocking facade registers itself on the scheduler that issues its
+        # leases (``sync_releaser``): no per-lease field for it.
+        if getattr(self._owner, "sync_releaser", None) is None:
             raise TypeError(
                 "a lease of the async Balancer is released with `async with lb.acquire()` "
                 "or `await lb.release(lease)`, not a plain `with`"
@@ -104,8 +104,9 @@ class Lease:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._sync is not None:
-            self._sync.release_on_exit(self, exc)
+        sync: SyncReleaser | None = getattr(self._owner, "sync_releaser", None)
+        if sync is not None:
+            sync.release_on_exit(self, exc)
 
     def __repr__(self) -> str:
         flags = " lost" if self.lost else ""
@@ -129,6 +130,10 @@ def exit_outcome(lease: Lease, exc: BaseException | None) -> ReleaseOutcome:
 
 class LeaseOwner(Protocol):
     """The internal interface a scheduler offers to handles and facades."""
+
+    #: The blocking facade whose leases these are, if any: it makes them plain
+    #: context managers that release through it.
+    sync_releaser: SyncReleaser | None
 
     async def acquire_lease(self, timeout: float | None, channel: str | None) -> Lease:
         """Take a slot as ``Balancer.acquire()`` documents (arguments already checked)."""

@@ -121,6 +121,8 @@ class SyncBalancer:
         self._balancer = Balancer(source, **options)
         self._loop = LoopThread("SyncBalancer", async_backend, async_backend_options)
         self._owner: LeaseOwner = self._balancer.lease_owner
+        # Makes this balancer's leases plain context managers (Lease.__enter__).
+        self._owner.sync_releaser = self
 
     def __repr__(self) -> str:
         loop = getattr(self, "_loop", None)
@@ -210,7 +212,6 @@ class SyncBalancer:
             self._abandon(ticket)
             raise
         assert lease is not None  # only an abandoned request yields None
-        lease._sync = self
         return lease
 
     async def _acquire_for(

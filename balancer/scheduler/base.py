@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from .._types import ReleaseOutcome
     from ..backends.base import Backend, ChannelCounts, ReleaseResult
     from ..channels import ChannelInfo, ChannelTable, MapChange
-    from ..lease import Lease, LeaseBook
+    from ..lease import Lease, LeaseBook, SyncReleaser
 
 __all__ = ["Scheduler"]
 
@@ -90,6 +90,7 @@ class Scheduler(ABC):
         self.book = book
         self.table = table
         self.waiters = WaitQueue()
+        self.sync_releaser: SyncReleaser | None = None
         #: set by the balancer between a successful enter and its exit
         self.running = False
         self._stale_check = stale_check
