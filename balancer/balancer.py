@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from types import MappingProxyType, TracebackType
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, cast, get_args
 
 import anyio
@@ -34,11 +34,11 @@ from .backends.base import Backend, BackendConfig
 from .backends.memory import MemoryBackend
 from .cache import MapCache
 from .channels import ChannelTable
-from .errors import LeaseError, StaleAccountMapError, describe_error
+from .errors import LeaseError, describe_error
 from .lease import AcquireHandle, Lease, LeaseBook
 from .scheduler.immediate import ImmediateScheduler
 from .scheduler.remote import RemoteScheduler
-from .statistics import BalancerStatistics, ChannelStatistics
+from .statistics import BalancerStatistics
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -147,12 +147,11 @@ class Balancer:
             self._backend,
             self._book,
             self._table,
-            stale_check=self._check_stale if max_stale is not None else None,
+            stale_check=self._cache.check_usable if max_stale is not None else None,
             poll_interval=poll_interval,
             lease_ttl=self._lease_ttl,
         )
         self._task_group: TaskGroup | None = None
-        self._stale_logged = False
 
     def __repr__(self) -> str:
         state = "running" if self._running else ("closed" if self._closed else "new")
@@ -198,7 +197,7 @@ class Balancer:
                 await self._close_quietly(backend=opened)
             raise
         self._task_group = task_group
-        task_group.start_soon(self._refresh_loop)
+        task_group.start_soon(self._cache.run)
         self._scheduler.start(task_group)
         return self
 
@@ -362,31 +361,6 @@ class Balancer:
         self._table.log_change(change, counts, first=first)
         await self._scheduler.map_applied(change.removed)
 
-    def _check_stale(self) -> None:
-        if self._max_stale is None:
-            return
-        age = self._cache.age()
-        if age is not None and age <= self._max_stale:
-            self._stale_logged = False
-            return
-        if not self._stale_logged:
-            self._stale_logged = True
-            logger.error("map_stale", map_age=age, max_stale=self._max_stale)
-        raise StaleAccountMapError(age, self._max_stale)
-
-    async def _refresh_loop(self) -> None:
-        while True:
-            await anyio.sleep(self._cache.next_delay())
-            try:
-                await self._cache.refresh()
-            except Exception:  # noqa: BLE001, S110 - counted and logged by the cache
-                pass
-            if self._max_stale is not None and (self._cache.age() or 0.0) > self._max_stale:
-                try:
-                    self._check_stale()  # logs map_stale once
-                except StaleAccountMapError:
-                    pass
-
     # -- statistics ------------------------------------------------------------
 
     def statistics(self) -> BalancerStatistics:
@@ -397,27 +371,10 @@ class Balancer:
         With a shared backend, ``in_flight`` and ``free`` are the cluster-wide
         figures as of the last round trip; ``waiting`` counts this process only.
         """
-        channels: dict[str, ChannelStatistics] = {}
-        capacity = in_flight = free = 0
-        infos = self._table.infos
-        for channel, counts in self._backend.counts().items():
-            info = infos.get(channel)
-            channels[channel] = ChannelStatistics(
-                channel=channel,
-                max_jobs=counts.max_jobs,
-                in_flight=counts.in_flight,
-                free=counts.free,
-                state=counts.state,
-                acquired_total=info.acquired_total if info else 0,
-                failures_total=info.failures_total if info else 0,
-            )
-            in_flight += counts.in_flight
-            if counts.state == "active":
-                capacity += counts.max_jobs
-                free += counts.free
+        channels, capacity, in_flight, free = self._table.figures(self._backend.counts())
         book, cache = self._book, self._cache
         return BalancerStatistics(
-            channels=MappingProxyType(channels),
+            channels=channels,
             capacity=capacity,
             in_flight=in_flight,
             free=free,

@@ -23,7 +23,7 @@ import structlog
 from cachetools import TTLCache
 
 from .accounts import ParsedAccounts
-from .errors import ConfigNotFoundError, describe_error
+from .errors import ConfigNotFoundError, StaleAccountMapError, describe_error
 
 if TYPE_CHECKING:
     from .sources import AccountSource
@@ -71,6 +71,9 @@ class MapCache:
         horizon: float | None = None,
     ) -> None:
         self._source = source
+        #: past this many seconds without a good map, the map is unusable
+        self.max_stale = horizon
+        self._stale_logged = False
         self._apply = apply
         self._ttl = ttl
         # Refreshes are planned within the shorter of ttl and max_stale: a map
@@ -175,3 +178,34 @@ class MapCache:
             return float(ceiling * (0.5 + 0.5 * self._rng.random()))
         age = self.age() or 0.0
         return max(0.0, self._horizon * (0.75 + 0.15 * self._rng.random()) - age)
+
+    def check_usable(self) -> None:
+        """
+        Raise ``StaleAccountMapError`` once the last good map is older than
+        ``max_stale`` (``map_stale`` is logged once per stale spell).
+        """
+        max_stale = self.max_stale
+        if max_stale is None:
+            return
+        age = self.age()
+        if age is not None and age <= max_stale:
+            self._stale_logged = False
+            return
+        if not self._stale_logged:
+            self._stale_logged = True
+            logger.error("map_stale", map_age=age, max_stale=max_stale)
+        raise StaleAccountMapError(age, max_stale)
+
+    async def run(self) -> None:
+        """Refresh in the background, forever; never raises (failures are counted)."""
+        while True:
+            await anyio.sleep(self.next_delay())
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001, S110 - counted and logged by _record_error
+                pass
+            if self.max_stale is not None and (self.age() or 0.0) > self.max_stale:
+                try:
+                    self.check_usable()  # logs map_stale once
+                except StaleAccountMapError:
+                    pass

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import structlog
+
+from .statistics import ChannelStatistics
 
 if TYPE_CHECKING:
     from .accounts import Account, ParsedAccounts
@@ -112,6 +115,34 @@ class ChannelTable:
         """A draining channel's last lease came back: forget it unless it is back."""
         if channel not in self.accounts:
             self.infos.pop(channel, None)
+
+    def figures(
+        self, counts: Mapping[str, ChannelCounts]
+    ) -> tuple[Mapping[str, ChannelStatistics], int, int, int]:
+        """
+        Every channel's statistics from the backend's ``counts`` and our totals,
+        with the sums ``capacity``, ``in_flight`` and ``free``: capacity and
+        free count active channels only, in_flight every channel.
+        """
+        channels: dict[str, ChannelStatistics] = {}
+        capacity = in_flight = free = 0
+        infos = self.infos
+        for channel, count in counts.items():
+            info = infos.get(channel)
+            channels[channel] = ChannelStatistics(
+                channel=channel,
+                max_jobs=count.max_jobs,
+                in_flight=count.in_flight,
+                free=count.free,
+                state=count.state,
+                acquired_total=info.acquired_total if info else 0,
+                failures_total=info.failures_total if info else 0,
+            )
+            in_flight += count.in_flight
+            if count.state == "active":
+                capacity += count.max_jobs
+                free += count.free
+        return MappingProxyType(channels), capacity, in_flight, free
 
     def count_failure(self, channel: str) -> None:
         info = self.infos.get(channel)
