@@ -223,37 +223,36 @@ class TestGrantsInDoubt:
         self, redis_url: str, redis_namespace: str
     ) -> None:
         """A grant that lands after its round trip timed out is handed back at once (#10, item 3)."""
-        backend = RedisBackend(redis_url, namespace=redis_namespace, timeout=0.3)
-        source = StaticAccountSource(make_accounts(1, max_jobs=1))
-        admin = redis.Redis.from_url(redis_url)
-        try:
-            async with Balancer(source, backend=backend, ttl=3600, lease_ttl=30) as lb:
-                admin.client_pause(800, all=True)
-                with pytest.raises(BackendUnavailableError):
-                    await lb.acquire(timeout=5)
-                # Renewals come every 10 s: only an immediate give-back is this fast.
-                await eventually(lambda: raw_counts(redis_url, redis_namespace)[1] == 0, 3)
-                lease = await lb.acquire(timeout=0)
-                await lb.release(lease)
-        finally:
-            admin.close()
+        async with cut_round_trip(redis_url, redis_namespace, pause_ms=800) as lb:
+            # Renewals come every 10 s: only an immediate give-back is this fast.
+            await eventually(lambda: raw_counts(redis_url, redis_namespace)[1] == 0, 3)
+            lease = await lb.acquire(timeout=0)
+            await lb.release(lease)
 
     async def test_close_settles_a_grant_in_doubt(
         self, redis_url: str, redis_namespace: str
     ) -> None:
         """Closing right after a cut round trip still leaves Redis without the lease (#10, item 3)."""
-        backend = RedisBackend(redis_url, namespace=redis_namespace, timeout=0.3)
-        source = StaticAccountSource(make_accounts(1, max_jobs=1))
-        admin = redis.Redis.from_url(redis_url)
-        try:
-            async with Balancer(source, backend=backend, ttl=3600, lease_ttl=30) as lb:
-                admin.client_pause(500, all=True)
-                with pytest.raises(BackendUnavailableError):
-                    await lb.acquire(timeout=5)
-        finally:
-            admin.close()
+        async with cut_round_trip(redis_url, redis_namespace, pause_ms=500):
+            pass
         inf, leases = raw_counts(redis_url, redis_namespace)
         assert (sum(inf.values()), leases) == (0, 0)
+
+
+@asynccontextmanager
+async def cut_round_trip(url: str, namespace: str, *, pause_ms: int) -> AsyncIterator[Balancer]:
+    """A running balancer whose one acquire was cut by the backend's 0.3 s timeout."""
+    backend = RedisBackend(url, namespace=namespace, timeout=0.3)
+    source = StaticAccountSource(make_accounts(1, max_jobs=1))
+    admin = redis.Redis.from_url(url)
+    try:
+        async with Balancer(source, backend=backend, ttl=3600, lease_ttl=30) as lb:
+            admin.client_pause(pause_ms, all=True)
+            with pytest.raises(BackendUnavailableError):
+                await lb.acquire(timeout=5)
+            yield lb
+    finally:
+        admin.close()
 
 
 class TestFreshStatistics:

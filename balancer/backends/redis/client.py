@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import anyio
 
 from ...accounts import Secret
-from ...errors import BackendUnavailableError
+from ...errors import BackendUnavailableError, describe_error
 from .target import is_coredis_client, is_redis_py_client, passwords
 
 if TYPE_CHECKING:
@@ -82,19 +82,11 @@ class ScriptClient(Protocol):
 
 def describe(exc: BaseException, *, hide: Sequence[str] = ()) -> str:
     """``"Type: message"`` for a log line or an error, with each of ``hide`` masked out."""
-    leaves = _leaves(exc)
-    inner = leaves[0] if leaves else exc
-    text = f"{type(inner).__name__}: {inner}"
+    text = describe_error(exc)
     for secret in hide:
         if secret:
             text = text.replace(secret, "***")
     return text
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
 
 
 def _unavailable(exc: BaseException, hide: Sequence[str]) -> BackendUnavailableError:
